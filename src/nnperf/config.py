@@ -1,0 +1,183 @@
+"""One typed training config: a dataclass field per setting, each with its help line.
+
+The YAML preset is read first, then command-line flags override it; `validate()` is the
+one place that checks values, and its errors name the flag to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UsageError
+
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "sam")
+SAM_BASES = tuple(o for o in OPTIMIZERS if o != "sam")
+SCHEDULES = ("cosine", "onecycle", "step", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+CONV_IMPLS = ("torch", "handmade")
+AUGMENTS = ("auto", "none", "crop", "crop-flip")
+LOADERS = ("tensor", "torch")
+
+
+def setting(default: Any, help: str, kind: type = str, choices: tuple | None = None, flag: bool = True):
+    """A config field: default, one-line help, value type, allowed values, exposed as a CLI flag."""
+    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices, "flag": flag})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = setting("fashion-mnist", "cifar10, cifar100, fashion-mnist, mnist, imagefolder or synthetic")
+    data: str | None = setting(None, "folder with the dataset files (default: a per-dataset location)")
+    download: bool = setting(True, "download CIFAR/MNIST files when they are missing", kind=bool)
+    val_split: int = setting(0, "hold out this many training images for validation (fixed by --seed)", kind=int)
+    image_size: int | None = setting(None, "resize ImageFolder images (or make synthetic ones) this size", kind=int)
+    synthetic_size: int = setting(2048, "number of training images for --dataset synthetic", kind=int)
+    synthetic_classes: int = setting(10, "number of classes for --dataset synthetic", kind=int)
+    synthetic_channels: int = setting(3, "image channels for --dataset synthetic", kind=int)
+    augment: str = setting("auto", "training augmentation: auto (per dataset), none, crop, crop-flip", choices=AUGMENTS)
+    loader: str = setting("tensor", "input path: tensor (whole dataset on the device, batched augmentation) or "
+                          "torch (DataLoader with --workers, for datasets too large for the device)", choices=LOADERS)
+    cache_dir: str | None = setting(None, "where decoded datasets are cached (default ~/.cache/nnperf)")
+    # model
+    model: str = setting("small_cifar", "model name; --model help lists them")
+    conv_impl: str = setting("torch", "convolution for convnet3: torch (nn.Conv2d) or handmade (unfold+matmul)",
+                             choices=CONV_IMPLS)
+    width: int | None = setting(None, "base channel count of the model (default: the model's own)", kind=int)
+    # optimisation
+    epochs: int = setting(10, "training epochs", kind=int)
+    batch_size: int = setting(128, "training batch size", kind=int)
+    eval_batch_size: int = setting(256, "evaluation batch size", kind=int)
+    lr: float = setting(0.05, "peak learning rate", kind=float)
+    optimizer: str = setting("nesterov", "sgd, nesterov, adam, adamw, rmsprop, adagrad or sam", choices=OPTIMIZERS)
+    momentum: float = setting(0.9, "momentum (sgd, nesterov, rmsprop, sam on sgd)", kind=float)
+    weight_decay: float = setting(5e-4, "weight decay (not applied to norm and bias parameters)", kind=float)
+    sam_rho: float = setting(0.05, "SAM neighbourhood size rho", kind=float)
+    sam_base: str = setting("sgd", "optimizer SAM wraps", choices=SAM_BASES)
+    schedule: str = setting("cosine", "learning-rate schedule: cosine, onecycle, step or constant", choices=SCHEDULES)
+    warmup: int = setting(0, "optimizer steps of linear warm-up before the schedule", kind=int)
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy loss (0 to <1)", kind=float)
+    # hardware
+    precision: str | None = setting(None, "fp32, bf16 or fp16 (default fp32, or the device's best with --amp)",
+                                    choices=PRECISIONS)
+    amp: bool = setting(False, "use the device's best mixed precision", kind=bool)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N, xpu or mps")
+    workers: int = setting(0, "DataLoader worker processes for --loader torch", kind=int)
+    seed: int = setting(0, "random seed: initialisation, data order, augmentation, validation split", kind=int)
+    # run directory
+    resume: str | None = setting(None, "continue a run from its checkpoint (e.g. runs/NAME/checkpoints/last.pt)")
+    save_every: int = setting(0, "also keep a checkpoint every N epochs (0: never)", kind=int)
+    out_dir: str = setting("runs", "folder that holds run directories")
+    name: str | None = setting(None, "run directory name (default: dataset-model-time)")
+    overwrite: bool = setting(False, "replace an existing run directory of the same name", kind=bool)
+    clear_perf: bool = setting(False, "remove the run's old telemetry first", kind=bool)
+    max_steps: int = setting(0, "stop after this many optimizer steps in all (0: no limit; for smoke runs)",
+                             kind=int)
+    log_every: int = setting(0, "also write a metrics row every N training steps (0: per epoch only)", kind=int)
+
+
+def fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    kind = f.metadata["kind"]
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML preset into {field: value}; unknown keys are an error naming the file and key."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
+    by_name = {f.name: f for f in fields()}
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in by_name:
+            raise UsageError(f"--config {path}: unknown setting '{key}' (see nnperf train --help)")
+        out[name] = _coerce(by_name[name], value, f"--config {path}: {key}")
+    return out
+
+
+def build(preset: dict | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults, then a preset, then flag overrides; validated."""
+    values = {**(preset or {}), **(overrides or {})}
+    by_name = {f.name: f for f in fields()}
+    for name, value in values.items():
+        values[name] = _coerce(by_name[name], value, flag_name(name))
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, flag: str, message: str) -> None:
+    if not ok:
+        raise UsageError(f"{flag}: {message}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check ranges and choices; the error names the flag."""
+    for f in fields():
+        choices = f.metadata["choices"]
+        value = getattr(cfg, f.name)
+        if choices and value is not None and value not in choices:
+            raise UsageError(f"{flag_name(f.name)}: unknown value '{value}' (choose from {', '.join(choices)})")
+    _check(1 <= cfg.epochs <= 100_000, "--epochs", f"must be between 1 and 100000, got {cfg.epochs}")
+    _check(1 <= cfg.batch_size <= 1 << 20, "--batch-size", f"must be a positive number, got {cfg.batch_size}")
+    _check(1 <= cfg.eval_batch_size <= 1 << 20, "--eval-batch-size",
+           f"must be a positive number, got {cfg.eval_batch_size}")
+    _check(0 < cfg.lr <= 100, "--lr", f"must be above 0 and at most 100, got {cfg.lr}")
+    _check(0 <= cfg.momentum < 1, "--momentum", f"must be in [0, 1), got {cfg.momentum}")
+    _check(cfg.weight_decay >= 0, "--weight-decay", f"must be 0 or more, got {cfg.weight_decay}")
+    _check(cfg.sam_rho > 0, "--sam-rho", f"must be above 0, got {cfg.sam_rho}")
+    _check(cfg.warmup >= 0, "--warmup", f"must be 0 or more steps, got {cfg.warmup}")
+    _check(0 <= cfg.label_smoothing < 1, "--label-smoothing", f"must be in [0, 1), got {cfg.label_smoothing}")
+    _check(cfg.val_split >= 0, "--val-split", f"must be 0 or more images, got {cfg.val_split}")
+    _check(cfg.workers >= 0, "--workers", f"must be 0 or more, got {cfg.workers}")
+    _check(cfg.save_every >= 0, "--save-every", f"must be 0 or more epochs, got {cfg.save_every}")
+    _check(cfg.max_steps >= 0, "--max-steps", f"must be 0 or more, got {cfg.max_steps}")
+    _check(cfg.log_every >= 0, "--log-every", f"must be 0 or more, got {cfg.log_every}")
+    _check(cfg.image_size is None or 4 <= cfg.image_size <= 4096, "--image-size",
+           f"must be between 4 and 4096, got {cfg.image_size}")
+    _check(cfg.width is None or 1 <= cfg.width <= 4096, "--width", f"must be between 1 and 4096, got {cfg.width}")
+    _check(cfg.synthetic_size >= 1, "--synthetic-size", f"must be 1 or more, got {cfg.synthetic_size}")
+    _check(2 <= cfg.synthetic_classes <= 1000, "--synthetic-classes",
+           f"must be between 2 and 1000, got {cfg.synthetic_classes}")
+    _check(cfg.synthetic_channels in (1, 3), "--synthetic-channels", f"must be 1 or 3, got {cfg.synthetic_channels}")
+    _check(not (cfg.optimizer == "sam" and cfg.precision == "fp16"), "--optimizer sam",
+           "works with --precision fp32 or bf16, not fp16 (its two passes do not fit one gradient scaler step)")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,140 @@
+"""Device discovery and choice (CUDA/ROCm, XPU, MPS, CPU) and the precision policy."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+
+def _has_xpu() -> bool:
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
+def _has_mps() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def resolve(spec: str = "auto") -> torch.device:
+    """Turn --device into a torch.device, refusing one this machine does not have."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        if _has_xpu():
+            return torch.device("xpu", 0)
+        if _has_mps():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device '{spec}' (use auto, cpu, cuda, cuda:N, xpu or mps)") from None
+    if dev.type == "cpu":
+        return dev
+    count = {"cuda": torch.cuda.device_count, "xpu": lambda: torch.xpu.device_count() if _has_xpu() else 0,
+             "mps": lambda: 1 if _has_mps() else 0}.get(dev.type)
+    if count is None:
+        raise UsageError(f"--device: unsupported device type '{dev.type}' (use auto, cpu, cuda, cuda:N, xpu or mps)")
+    n = count() if dev.type != "cuda" or torch.cuda.is_available() else 0
+    index = dev.index or 0
+    if n == 0:
+        raise UsageError(f"--device {spec}: no {dev.type} device on this machine (try --device auto or cpu)")
+    if index >= n:
+        raise UsageError(f"--device {spec}: only {n} {dev.type} device(s) here (indices 0..{n - 1})")
+    return torch.device(dev.type, index) if dev.type != "mps" else dev
+
+
+def cpu_flags() -> set[str]:
+    """CPU feature flags from /proc/cpuinfo (empty where it is not readable)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    if dev.type == "xpu":
+        return torch.xpu.get_device_name(dev)
+    if dev.type == "mps":
+        return "Apple MPS"
+    return cpu_name()
+
+
+@dataclass
+class Precision:
+    """What the train step runs in, and why it was chosen."""
+
+    name: str  # fp32, bf16 or fp16
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
+    @property
+    def needs_scaler(self) -> bool:
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
+        return self.name == "fp16"
+
+
+def best_mixed(dev: torch.device) -> Precision:
+    """The mixed precision this device runs fastest without losing accuracy."""
+    if dev.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return Precision("bf16", f"{device_name(dev)} supports bf16 natively")
+        return Precision("fp16", f"{device_name(dev)} lacks native bf16; fp16 with a gradient scaler")
+    if dev.type == "xpu":
+        return Precision("bf16", "Intel XPUs run bf16 natively")
+    if dev.type == "mps":
+        return Precision("fp16", "MPS autocast supports fp16")
+    flags = cpu_flags()
+    if flags & {"amx_bf16", "avx512_bf16"}:
+        found = ", ".join(sorted(flags & {"amx_bf16", "avx512_bf16"}))
+        return Precision("bf16", f"CPU has {found}")
+    return Precision("fp32", "CPU has no native bf16 (no avx512_bf16/amx_bf16); mixed precision would be slower")
+
+
+def choose_precision(dev: torch.device, requested: str | None, amp: bool) -> Precision:
+    """--precision wins; --amp picks the device's best; otherwise fp32."""
+    if requested:
+        if requested == "fp16" and dev.type == "cpu":
+            return Precision("fp16", "requested with --precision (slow on most CPUs)")
+        return Precision(requested, "requested with --precision")
+    if amp:
+        best = best_mixed(dev)
+        return Precision(best.name, f"--amp: {best.reason}")
+    return Precision("fp32", "default (pass --amp for the device's mixed precision)")
+
+
+def autocast(dev: torch.device, precision: Precision):
+    """Autocast context for the forward pass, or a no-op for fp32."""
+    if precision.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=precision.dtype)
+
+
+def sync(dev: torch.device) -> None:
+    """Wait for queued device work, so a clock read after it measures the work."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    elif dev.type == "xpu":
+        torch.xpu.synchronize(dev)
+    elif dev.type == "mps":
+        torch.mps.synchronize()

@@ -1,0 +1,57 @@
+"""Checkpoints: written atomically, read with weights_only=True, checked before use."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .. import config as configs
+from ..errors import UsageError
+from ..fileio import write_with
+
+FORMAT = "nnperf-checkpoint/1"
+
+
+def save(path: str | Path, state: dict) -> None:
+    write_with(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+
+
+def load(path: str | Path, flag: str = "--resume") -> dict:
+    """A full nnperf checkpoint, or a one-line error saying what is wrong with the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt? {reason[:160]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UsageError(f"{flag} {path}: not an nnperf checkpoint (use checkpoints/last.pt or best.pt of a run)")
+    return state
+
+
+def resume_config(state: dict, preset: dict, overrides: dict, path: str) -> configs.TrainConfig:
+    """The checkpoint's config with the user's explicit settings on top; the model and dataset must
+    stay those the checkpoint was trained with."""
+    saved = state["config"]
+    given = {**preset, **overrides}
+    for key in ("model", "dataset"):
+        if key in given and given[key] != saved[key]:
+            raise UsageError(f"--resume {path}: checkpoint is of {key} '{saved[key]}', not '{given[key]}' "
+                             f"(drop --{key} or start a new run)")
+    known = {f.name for f in configs.fields()}
+    base = {k: v for k, v in saved.items() if k in known}
+    return configs.build(base, {**given, "resume": str(path)})
+
+
+def state_matches_model(state: dict, model: torch.nn.Module, path: str) -> None:
+    """Refuse weights whose names or shapes do not fit `model` (a checkpoint of another model)."""
+    own = model.state_dict()
+    theirs = state["model"]
+    if set(own) != set(theirs) or any(own[k].shape != theirs[k].shape for k in own):
+        raise UsageError(f"--resume {path}: the weights do not fit this model "
+                         f"(a checkpoint of another model, width or class count)")

@@ -1,0 +1,112 @@
+"""Use a trained run: re-evaluate a checkpoint (`nnperf test`) and classify image files (`predict`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image, UnidentifiedImageError
+
+from .. import config as configs
+from .. import device as devices
+from ..errors import UsageError
+from . import checkpoint
+from .build import SPLITS, build_model, eval_batches, load_splits
+from .step import evaluate
+
+
+def _run_checkpoint(run_dir: str, path: str | None) -> tuple[str, str]:
+    if path:
+        return path, "--checkpoint"
+    best = Path(run_dir) / "checkpoints" / "best.pt"
+    if not Path(run_dir).is_dir():
+        raise UsageError(f"RUN_DIR {run_dir}: no such run directory")
+    if not best.is_file():
+        raise UsageError(f"RUN_DIR {run_dir}: no checkpoints/best.pt (did its first epoch finish?)")
+    return str(best), "RUN_DIR"
+
+
+def test(run_dir: str, checkpoint_path: str | None = None, split: str | None = None,
+         device: str | None = None) -> dict:
+    """Evaluate a checkpoint (default: the run's best) on a split (default: the one training used)."""
+    path, flag = _run_checkpoint(run_dir, checkpoint_path)
+    state = checkpoint.load(path, flag)
+    cfg = configs.build(state["config"], {"resume": None, **({"device": device} if device else {})})
+    info = state["data"]
+    split = split or info["eval_split"]
+    if split not in SPLITS:
+        raise UsageError(f"--split: unknown split '{split}' (choose from {', '.join(SPLITS)})")
+    dev = devices.resolve(cfg.device)
+    precision = devices.choose_precision(dev, cfg.precision, cfg.amp)
+    model = build_model(cfg, info, dev)
+    model.load_state_dict(state["model"])
+    batches = eval_batches(cfg, load_splits(cfg).get(split), info, dev)
+    return {"split": split, "checkpoint": path, **evaluate(model, batches, dev, precision)}
+
+
+def test_line(result: dict) -> str:
+    return f"TEST top1={result['top1']:.3f}  top5={result['top5']:.3f}  loss={result['loss']:.3f}"
+
+
+def _load_for_predict(path: str) -> tuple[configs.TrainConfig, dict, dict]:
+    """(config, data info, weights) from a full checkpoint, or from final_weights.pt beside its run's
+    config.yaml and env.json."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"CHECKPOINT {path}: no such file")
+    try:
+        raw = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise UsageError(f"CHECKPOINT {path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+    if isinstance(raw, dict) and raw.get("format") == checkpoint.FORMAT:
+        return configs.build(raw["config"], {"resume": None}), raw["data"], raw["model"]
+    run = p.parent.parent
+    env = run / "env.json"
+    if not (run / "config.yaml").is_file() or not env.is_file():
+        raise UsageError(f"CHECKPOINT {path}: bare weights without the run's config.yaml and env.json beside "
+                         "checkpoints/; use checkpoints/best.pt")
+    cfg = configs.build(yaml.safe_load((run / "config.yaml").read_text()), {"resume": None})
+    return cfg, json.loads(env.read_text())["data"], raw
+
+
+def _image_tensor(path: str, info: dict) -> torch.Tensor:
+    channels, height, width = info["shape"]
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (width, height):
+                im = im.resize((width, height), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise UsageError(f"IMAGE {path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UsageError(f"IMAGE {path}: unreadable image ({e})") from None
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    x = torch.from_numpy(arr.copy()).float().div_(255)
+    mean = torch.tensor(info["mean"]).view(-1, 1, 1)
+    std = torch.tensor(info["std"]).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def predict(checkpoint_path: str, images: list[str], topk: int = 5, device: str = "cpu") -> list[dict]:
+    """Top-k classes with probabilities for each image file."""
+    cfg, info, weights = _load_for_predict(checkpoint_path)
+    dev = devices.resolve(device)
+    model = build_model(cfg, info, dev)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError:
+        raise UsageError(f"CHECKPOINT {checkpoint_path}: weights do not fit model '{cfg.model}'") from None
+    model.eval()
+    x = torch.stack([_image_tensor(p, info) for p in images]).to(dev)
+    probs = model(x).float().softmax(dim=1).cpu()
+    k = min(topk, probs.shape[1])
+    top = probs.topk(k, dim=1)
+    classes = info["classes"]
+    return [{"image": path, "top": [{"class": classes[i], "index": int(i), "prob": float(pr)}
+                                    for pr, i in zip(top.values[n], top.indices[n])]}
+            for n, path in enumerate(images)]

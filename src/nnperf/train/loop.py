@@ -1,0 +1,249 @@
+"""fit(): build, then per epoch train -> evaluate -> write metrics and checkpoints; resumable at any step."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .. import config as configs
+from .. import device as devices
+from .. import envinfo
+from ..errors import Interrupted, UsageError
+from ..fileio import read_jsonl, write_json, write_jsonl, write_text, write_with
+from . import checkpoint, rundir
+from .build import build_model, eval_batches, load_splits, train_batches
+from .optim import make_optimizer, make_schedule
+from .signals import StopRequest
+from .step import TrainStep, evaluate, topk_correct
+
+
+@dataclass
+class Position:
+    """Where training is: completed epochs, completed steps of the current epoch, and the running
+    sums of the current epoch (kept as tensors so a resumed epoch adds up bit for bit the same)."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    best: dict | None = None
+    sums: dict = field(default_factory=dict)
+
+    def reset_sums(self, dev: torch.device) -> None:
+        self.sums = {"loss": torch.zeros((), dtype=torch.float64, device=dev),
+                     "top1": torch.zeros((), dtype=torch.int64, device=dev),
+                     "top5": torch.zeros((), dtype=torch.int64, device=dev),
+                     "images": 0, "seconds": 0.0, "data_wait_s": 0.0}
+
+
+@dataclass
+class Run:
+    cfg: configs.TrainConfig
+    dir: Path
+    dev: torch.device
+    precision: devices.Precision
+    info: dict
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    train: object
+    eval: object
+    step: TrainStep
+    rows: list = field(default_factory=list)
+    pos: Position = field(default_factory=Position)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+
+def _setup(cfg: configs.TrainConfig, state: dict | None) -> Run:
+    dev = devices.resolve(cfg.device)
+    precision = devices.choose_precision(dev, cfg.precision, cfg.amp)
+    if cfg.optimizer == "sam" and precision.needs_scaler:
+        raise UsageError("--optimizer sam: needs --precision fp32 or bf16 on this device, not fp16")
+    splits = load_splits(cfg)
+    info = state["data"] if state else splits.info
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, info, dev)
+    if state:
+        checkpoint.state_matches_model(state, model, cfg.resume)
+    train = train_batches(cfg, splits.train, info, dev)
+    evals = eval_batches(cfg, splits.get(info["eval_split"]), info, dev)
+    total = len(train) * cfg.epochs
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_schedule(cfg, optimizer, total)
+    scaler = torch.amp.GradScaler(dev.type) if precision.needs_scaler else None
+    step = TrainStep(model, optimizer, scaler, dev, precision, cfg.label_smoothing)
+    path = rundir.for_resume(cfg) if state else rundir.create(cfg)
+    return Run(cfg, path, dev, precision, info, model, optimizer, scheduler, scaler, train, evals, step)
+
+
+def _restore(run: Run, state: dict) -> None:
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if run.dev.type == "cuda" and state["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    p = run.pos
+    p.epoch, p.step, p.global_step, p.best = state["epoch"], state["step"], state["global_step"], state["best"]
+    p.reset_sums(run.dev)
+    for key, value in state["sums"].items():
+        p.sums[key] = value.to(run.dev) if isinstance(value, torch.Tensor) else value
+    metrics = run.dir / "metrics.jsonl"
+    # Rows written after this checkpoint belong to steps that will now run again.
+    old = read_jsonl(metrics) if metrics.is_file() else []
+    run.rows = [r for r in old if r.get("step", 0) <= p.global_step]
+
+
+def _state(run: Run) -> dict:
+    p = run.pos
+    rng = {"torch": torch.get_rng_state()}
+    if run.dev.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"config": configs.to_dict(run.cfg), "data": run.info, "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler else None, "epoch": p.epoch, "step": p.step,
+            "global_step": p.global_step, "best": p.best, "sums": dict(p.sums), "rng": rng}
+
+
+def _lr(run: Run) -> float:
+    return run.optimizer.param_groups[0]["lr"]
+
+
+def _train_row(run: Run, phase: str) -> dict:
+    s, p = run.pos.sums, run.pos
+    n = max(1, s["images"])
+    return {"t": time.time(), "epoch": p.epoch + 1, "step": p.global_step, "phase": phase,
+            "loss": s["loss"].item() / n, "top1": s["top1"].item() / n, "top5": s["top5"].item() / n,
+            "lr": _lr(run), "images": s["images"], "seconds": s["seconds"],
+            "images_per_s": s["images"] / s["seconds"] if s["seconds"] > 0 else None,
+            "data_wait_s": s["data_wait_s"]}
+
+
+def _train_epoch(run: Run, stop: StopRequest, bar) -> None:
+    """Train from the current position to the end of the epoch (or --max-steps, or a signal)."""
+    cfg, p, s = run.cfg, run.pos, run.pos.sums
+    run.model.train()
+    devices.sync(run.dev)
+    started = time.perf_counter()
+    waited = 0.0
+    ask = time.perf_counter()
+    for x, y in run.train.epoch(p.epoch, p.step):
+        waited += time.perf_counter() - ask
+        loss, logits = run.step(x, y)
+        run.scheduler.step()
+        s["loss"] += loss.double() * len(y)
+        s["top1"] += topk_correct(logits, y, 1)
+        s["top5"] += topk_correct(logits, y, 5)
+        s["images"] += len(y)
+        p.step += 1
+        p.global_step += 1
+        if bar is not None:
+            bar.update(1)
+        if cfg.log_every and p.global_step % cfg.log_every == 0:
+            run.rows.append({**_train_row(run, "train_step"), "seconds": None, "images_per_s": None})
+        if stop.signum is not None or (cfg.max_steps and p.global_step >= cfg.max_steps):
+            break
+        ask = time.perf_counter()
+    devices.sync(run.dev)
+    s["seconds"] += time.perf_counter() - started
+    s["data_wait_s"] += waited
+    if stop.signum is not None:
+        _save_interrupted(run, stop.signum)
+
+
+def _save_interrupted(run: Run, signum: int) -> None:
+    path = run.ckpt_dir / "last.pt"
+    checkpoint.save(path, _state(run))
+    raise Interrupted(signum, str(path))
+
+
+def _end_epoch(run: Run, log: Callable[[str], None]) -> None:
+    """Evaluate, write the epoch's metrics and checkpoints, and print its line."""
+    cfg, p = run.cfg, run.pos
+    train_row = _train_row(run, "train")
+    val = evaluate(run.model, run.eval, run.dev, run.precision)
+    val_row = {"t": time.time(), "epoch": p.epoch + 1, "step": p.global_step, "phase": "val", **val}
+    run.rows += [train_row, val_row]
+    write_jsonl(run.dir / "metrics.jsonl", run.rows)
+    p.epoch, p.step = p.epoch + 1, 0
+    improved = p.best is None or val["top1"] > p.best["top1"]
+    if improved:
+        p.best = {"epoch": p.epoch, "top1": val["top1"], "top5": val["top5"], "loss": val["loss"]}
+    p.reset_sums(run.dev)
+    state = _state(run)
+    checkpoint.save(run.ckpt_dir / "last.pt", state)
+    if improved:
+        checkpoint.save(run.ckpt_dir / "best.pt", state)
+    if cfg.save_every and p.epoch % cfg.save_every == 0:
+        checkpoint.save(run.ckpt_dir / f"epoch{p.epoch:04d}.pt", state)
+    log(epoch_line(train_row, val_row))
+
+
+def epoch_line(train: dict, val: dict) -> str:
+    ips = f"{train['images_per_s']:.0f}" if train["images_per_s"] else "-"
+    return (f"e{train['epoch']}: train {train['loss']:.3f}/{train['top1']:.3f} | val {val['loss']:.3f} "
+            f"top1 {val['top1']:.3f} top5 {val['top5']:.3f} | {train['seconds']:.1f}s {ips} img/s")
+
+
+def final_line(best: dict) -> str:
+    return f"FINAL top1 {best['top1']:.3f}, top5 {best['top5']:.3f}, loss {best['loss']:.3f} (epoch {best['epoch']})"
+
+
+def _start_files(run: Run, resumed: bool) -> None:
+    if run.cfg.clear_perf:
+        rundir.clear_telemetry(run.dir)
+    write_text(run.dir / "config.yaml", configs.to_yaml(run.cfg))
+    env = envinfo.collect(run.dev, run.precision, channels_last=False)
+    env["data"] = run.info
+    if resumed:
+        env["resumed_at"] = {"epoch": run.pos.epoch, "step": run.pos.step, "global_step": run.pos.global_step}
+    write_json(run.dir / "env.json", env)
+
+
+def _progress_bar(run: Run):
+    if not sys.stderr.isatty():
+        return None
+    return tqdm(total=len(run.train), initial=run.pos.step, desc=f"e{run.pos.epoch + 1}", leave=False,
+                unit="batch", dynamic_ncols=True)
+
+
+def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train as `cfg` says (continuing from `state`, a loaded checkpoint, if given).
+    Returns the run directory and the best epoch's metrics."""
+    if cfg.name is None:
+        cfg.name = rundir.default_name(cfg)
+    run = _setup(cfg, state)
+    run.pos.reset_sums(run.dev)
+    if state:
+        _restore(run, state)
+    _start_files(run, resumed=state is not None)
+    log(f"run {run.dir} | {cfg.dataset} {cfg.model} on {run.dev} ({devices.device_name(run.dev)}) | "
+        f"{run.precision.name}: {run.precision.reason}")
+    with StopRequest() as stop:
+        while run.pos.epoch < cfg.epochs and not _steps_done(run):
+            bar = _progress_bar(run)
+            try:
+                _train_epoch(run, stop, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            _end_epoch(run, log)
+    write_with(run.ckpt_dir / "final_weights.pt", lambda tmp: torch.save(run.model.state_dict(), tmp))
+    log(final_line(run.pos.best))
+    return {"run_dir": str(run.dir), "best": run.pos.best, "epochs": run.pos.epoch, "steps": run.pos.global_step}
+
+
+def _steps_done(run: Run) -> bool:
+    return bool(run.cfg.max_steps) and run.pos.global_step >= run.cfg.max_steps

@@ -1,0 +1,132 @@
+"""Optimizers (SGD family, Adam family, RMSprop, Adagrad, SAM) and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..errors import UsageError
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices and filters only: decaying norm scales and biases only hurts."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _base(name: str, cfg: TrainConfig) -> tuple[type, dict]:
+    """Optimizer class and its arguments (weight decay is set per parameter group)."""
+    if name == "nesterov" and cfg.momentum <= 0:
+        raise UsageError("--momentum: --optimizer nesterov needs momentum above 0")
+    return {
+        "sgd": (torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum}),
+        "nesterov": (torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": True}),
+        "adam": (torch.optim.Adam, {"lr": cfg.lr}),
+        "adamw": (torch.optim.AdamW, {"lr": cfg.lr}),
+        "rmsprop": (torch.optim.RMSprop, {"lr": cfg.lr, "momentum": cfg.momentum}),
+        "adagrad": (torch.optim.Adagrad, {"lr": cfg.lr}),
+    }[name]
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sam":
+        cls, kwargs = _base(cfg.sam_base, cfg)
+        return SAM(groups, cls, rho=cfg.sam_rho, **kwargs)
+    cls, kwargs = _base(cfg.optimizer, cfg)
+    return cls(groups, **kwargs)
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimization (Foret et al., 2021) around any base optimizer.
+
+    Each step: the gradient at w moves the weights to w + rho * g / |g| (the locally worst point),
+    the gradient taken there is applied by the base optimizer at the original w.
+    """
+
+    def __init__(self, params, base_cls: type, rho: float = 0.05, **kwargs):
+        super().__init__(params, dict(rho=rho, **kwargs))
+        self.base = base_cls(self.param_groups, **kwargs)
+        # One set of groups, so schedules that change the lr reach the base optimizer.
+        self.param_groups = self.base.param_groups
+        for group in self.param_groups:
+            group.setdefault("rho", rho)
+
+    @torch.no_grad()
+    def perturb(self) -> None:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        for group in self.param_groups:
+            scale = group["rho"] / (norm + 1e-12)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                e_w = p.grad * scale
+                p.add_(e_w)
+                self.state[p]["e_w"] = e_w
+
+    @torch.no_grad()
+    def restore_and_step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                e_w = self.state[p].pop("e_w", None)
+                if e_w is not None:
+                    p.sub_(e_w)
+        self.base.step()
+
+    def step(self, closure=None):
+        if closure is None:
+            raise RuntimeError("SAM needs a closure that recomputes the loss and its gradients")
+        self.perturb()
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            closure()
+        self.restore_and_step()
+
+    # The base optimizer holds the state worth saving (momentum, moments); e_w lives only in a step.
+    def state_dict(self):
+        return self.base.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.base.load_state_dict(state_dict)
+        self.param_groups = self.base.param_groups
+
+
+@dataclass
+class Schedule:
+    """Learning-rate factor per optimizer step: linear warm-up, then the named shape."""
+
+    kind: str
+    total: int
+    warmup: int
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "onecycle":
+            return self._onecycle(step)
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * t))
+        if self.kind == "step":
+            return 0.1 ** ((t >= 0.5) + (t >= 0.75))
+        return 1.0
+
+    def _onecycle(self, step: int) -> float:
+        # Up from 1/25 of the peak over the warm-up (default 25% of the run), then cosine to zero.
+        up = self.warmup or max(1, round(0.25 * self.total))
+        if step < up:
+            return 1 / 25 + (1 - 1 / 25) * step / up
+        t = min(1.0, (step - up) / max(1, self.total - up))
+        return 0.5 * (1 + math.cos(math.pi * t))
+
+
+def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(cfg.schedule, total_steps, cfg.warmup))
