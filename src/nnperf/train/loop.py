@@ -76,10 +76,9 @@ def _setup(cfg: configs.TrainConfig, state: dict | None) -> Run:
         checkpoint.state_matches_model(state, model, cfg.resume)
     train = train_batches(cfg, splits.train, info, dev)
     evals = eval_batches(cfg, splits.get(info["eval_split"]), info, dev)
-    total = len(train) * cfg.epochs
-    total = min(total, cfg.max_steps) if cfg.max_steps else total
     optimizer = make_optimizer(cfg, model)
-    scheduler = make_schedule(cfg, optimizer, total)
+    # --max-steps only stops early; the schedule keeps its full length so a stopped run can resume.
+    scheduler = make_schedule(cfg, optimizer, len(train) * cfg.epochs)
     scaler = torch.amp.GradScaler(dev.type) if precision.needs_scaler else None
     step = TrainStep(model, optimizer, scaler, dev, precision, cfg.label_smoothing)
     path = rundir.for_resume(cfg) if state else rundir.create(cfg)
@@ -165,6 +164,7 @@ def _train_epoch(run: Run, stop: StopRequest, bar) -> None:
 
 def _save_interrupted(run: Run, signum: int) -> None:
     path = run.ckpt_dir / "last.pt"
+    write_jsonl(run.dir / "metrics.jsonl", run.rows)  # step rows of the unfinished epoch
     checkpoint.save(path, _state(run))
     raise Interrupted(signum, str(path))
 

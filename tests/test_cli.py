@@ -1,0 +1,167 @@
+"""End to end through the `nnperf` command on tiny synthetic data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import TINY
+
+
+def _final(out: str) -> str:
+    line = [l for l in out.splitlines() if l.startswith("FINAL")][-1]
+    return line
+
+
+def test_train_writes_the_whole_run_directory(run_cli, tmp_path):
+    code, out, err = run_cli("train", *TINY, "--epochs", "2", "--name", "r", "--save-every", "1")
+    assert code == 0, err
+    run = tmp_path / "runs" / "r"
+    lines = out.splitlines()
+    assert lines[0].startswith(f"run {Path('runs') / 'r'}") and "fp32" in lines[0]
+    assert lines[1].startswith("e1: train ") and " img/s" in lines[1]
+    assert lines[-1].startswith("FINAL top1 ")
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "checkpoints/best.pt", "checkpoints/last.pt",
+                 "checkpoints/final_weights.pt", "checkpoints/epoch0001.pt", "checkpoints/epoch0002.pt"):
+        assert (run / name).is_file(), name
+    assert not list(run.rglob("*.tmp"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["epochs"] == 2 and config["name"] == "r" and config["width"] == 8
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["precision"] == "fp32" and env["data"]["eval_split"] == "test"
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["phase"]) for r in rows] == [(1, "train"), (1, "val"), (2, "train"), (2, "val")]
+    assert rows[0]["images"] == 192 and rows[1]["images"] == 48
+    assert {"loss", "top1", "top5", "lr", "seconds", "images_per_s", "data_wait_s"} <= set(rows[0])
+    assert rows[2]["loss"] < rows[0]["loss"]
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best", "config"} <= set(best)
+
+
+def test_test_command_equals_final_and_predict_names_classes(run_cli, tmp_path):
+    code, out, _ = run_cli("train", *TINY, "--epochs", "2", "--name", "r")
+    assert code == 0
+    final = _final(out)
+    code, test_out, _ = run_cli("test", "runs/r")
+    assert code == 0
+    top1, top5, loss = (final.split("top1 ")[1].split(",")[0], final.split("top5 ")[1].split(",")[0],
+                        final.split("loss ")[1].split(" ")[0])
+    assert test_out.strip() == f"TEST top1={top1}  top5={top5}  loss={loss}"
+    code, train_out, _ = run_cli("test", "runs/r", "--split", "train", "--checkpoint", "runs/r/checkpoints/last.pt")
+    assert code == 0 and train_out.startswith("TEST top1=")
+
+    img = Image.new("RGB", (16, 16), (200, 30, 30))
+    img.save(tmp_path / "a.png")
+    code, out, _ = run_cli("predict", "runs/r/checkpoints/best.pt", "a.png", "--topk", "3", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result[0]["image"] == "a.png" and len(result[0]["top"]) == 3
+    assert result[0]["top"][0]["class"].startswith("class")
+    probs = [t["prob"] for t in result[0]["top"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    code, text, _ = run_cli("predict", "runs/r/checkpoints/final_weights.pt", "a.png", "--topk", "2")
+    assert code == 0 and text.splitlines()[0] == "a.png" and "%" in text.splitlines()[1]
+
+
+def test_config_file_then_flags(run_cli, tmp_path):
+    (tmp_path / "c.yaml").write_text("epochs: 5\nbatch-size: 64\noptimizer: adam\nlr: 0.01\n")
+    code, _, err = run_cli("train", "--config", "c.yaml", *TINY, "--epochs", "1", "--name", "c")
+    assert code == 0, err
+    saved = yaml.safe_load((tmp_path / "runs" / "c" / "config.yaml").read_text())
+    assert saved["epochs"] == 1 and saved["optimizer"] == "adam" and saved["batch_size"] == 32
+
+
+@pytest.mark.parametrize("opt", ["sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "sam"])
+def test_every_optimizer_learns(run_cli, tmp_path, opt):
+    lr = {"adam": "0.003", "adamw": "0.003", "rmsprop": "0.001", "adagrad": "0.02"}.get(opt, "0.05")
+    code, _, err = run_cli("train", *TINY, "--epochs", "3", "--optimizer", opt, "--lr", lr, "--name", opt,
+                           "--schedule", "onecycle")
+    assert code == 0, err
+    rows = [json.loads(l) for l in (tmp_path / "runs" / opt / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["phase"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"]
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def _same_run(a: Path, b: Path):
+    wa, wb = _weights(a / "checkpoints" / "final_weights.pt"), _weights(b / "checkpoints" / "final_weights.pt")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    keys = ("epoch", "step", "phase", "loss", "top1", "top5", "lr", "images")
+    ra = [{k: r.get(k) for k in keys} for r in map(json.loads, (a / "metrics.jsonl").read_text().splitlines())]
+    rb = [{k: r.get(k) for k in keys} for r in map(json.loads, (b / "metrics.jsonl").read_text().splitlines())]
+    assert ra == rb
+
+
+# convnet3 has dropout, so these also check that the global RNG state is carried over.
+RESUMABLE = [*TINY, "--model", "convnet3", "--log-every", "3"]
+
+
+def test_resume_after_two_of_four_epochs_gives_the_same_run(run_cli, tmp_path):
+    assert run_cli("train", *RESUMABLE, "--epochs", "4", "--name", "full")[0] == 0
+    assert run_cli("train", *RESUMABLE, "--epochs", "4", "--name", "part", "--max-steps", "12")[0] == 0
+    code, out, err = run_cli("train", "--resume", "runs/part/checkpoints/last.pt", "--max-steps", "0")
+    assert code == 0, err
+    assert out.splitlines()[1].startswith("e3:")
+    _same_run(tmp_path / "runs" / "full", tmp_path / "runs" / "part")
+
+
+def test_signal_mid_epoch_saves_position_and_resume_reproduces(run_cli, tmp_path, monkeypatch):
+    from nnperf.train import loop
+
+    real_step = loop.TrainStep.__call__
+    calls = {"n": 0}
+
+    def step_then_signal(self, x, y):
+        calls["n"] += 1
+        if calls["n"] == 10:  # mid epoch 2 (6 steps per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, x, y)
+
+    assert run_cli("train", *RESUMABLE, "--epochs", "3", "--name", "full")[0] == 0
+    monkeypatch.setattr(loop.TrainStep, "__call__", step_then_signal)
+    code, out, err = run_cli("train", *RESUMABLE, "--epochs", "3", "--name", "part")
+    assert code == 128 + signal.SIGINT
+    assert "nnperf train --resume runs/part/checkpoints/last.pt" in err and "Traceback" not in err
+    state = torch.load(tmp_path / "runs/part/checkpoints/last.pt", weights_only=True)
+    assert (state["epoch"], state["step"], state["global_step"]) == (1, 4, 10)
+    monkeypatch.setattr(loop.TrainStep, "__call__", real_step)
+    code, out, err = run_cli("train", "--resume", "runs/part/checkpoints/last.pt")
+    assert code == 0, err
+    _same_run(tmp_path / "runs" / "full", tmp_path / "runs" / "part")
+
+
+def test_sigterm_to_the_process_then_resume(tmp_path):
+    """The real command in its own process: SIGTERM, exit status, message, resume."""
+    args = [sys.executable, "-m", "nnperf", "train", *TINY, "--epochs", "60", "--name", "p"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NNPERF_CACHE": str(tmp_path / "cache")})
+    metrics = tmp_path / "runs" / "p" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not metrics.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "--resume runs/p/checkpoints/last.pt" in err
+    assert "Traceback" not in err
+    state = torch.load(tmp_path / "runs/p/checkpoints/last.pt", weights_only=True)
+    assert 0 < state["global_step"] < 60 * 6
+    resumed = subprocess.run([sys.executable, "-m", "nnperf", "train", "--resume", "runs/p/checkpoints/last.pt",
+                              "--epochs", str(state["epoch"] + 1)], cwd=tmp_path, capture_output=True, text=True,
+                             env={**os.environ, "NNPERF_CACHE": str(tmp_path / "cache")})
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.splitlines()[-1].startswith("FINAL ")

@@ -1,0 +1,210 @@
+import hashlib
+import http.server
+import io
+import tarfile
+import threading
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nnperf import config, data
+from nnperf.data import augment, formats, sources
+from nnperf.errors import UsageError
+
+from conftest import SHARED, make_cifar_folder, make_idx_folder, write_idx
+
+
+def cfg(**kw):
+    return config.build({}, kw)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_reader_round_trips(tmp_path, gz):
+    arr = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
+    path = write_idx(tmp_path / "x-idx3-ubyte", arr, gz)
+    np.testing.assert_array_equal(formats.read_idx(path), arr)
+
+
+def test_idx_reader_rejects_truncated_file(tmp_path):
+    path = write_idx(tmp_path / "x-idx3-ubyte", np.zeros((5, 4, 4), np.uint8), gz=False)
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(UsageError, match="truncated"):
+        formats.read_idx(path)
+
+
+@pytest.mark.parametrize("name,gz", [("fashion-mnist", True), ("mnist", False)])
+def test_mnist_family_from_idx_files(tmp_path, name, gz):
+    make_idx_folder(tmp_path / "d", gz=gz)
+    ds = data.load(cfg(dataset=name, data=str(tmp_path / "d"), download=False))
+    assert ds.train.images.shape == (40, 1, 28, 28) and ds.train.images.dtype == torch.uint8
+    assert ds.test.images.shape == (20, 1, 28, 28)
+    assert len(ds.classes) == 10 and ds.train.labels.tolist()[:3] == [0, 1, 2]
+
+
+def test_fashion_mnist_torchvision_layout(tmp_path):
+    make_idx_folder(tmp_path / "d" / "FashionMNIST" / "raw")
+    ds = data.load(cfg(dataset="fashion-mnist", data=str(tmp_path / "d"), download=False))
+    assert ds.classes[0] == "T-shirt/top" and len(ds.train) == 40
+
+
+def test_fashion_mnist_debian_package_when_installed():
+    if not sources.DEBIAN_FASHION_MNIST.is_dir():
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    ds = data.load(cfg(dataset="fashion-mnist", download=False))
+    assert ds.train.images.shape == (60000, 1, 28, 28) and ds.test.images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(ds.train.labels).tolist() == [6000] * 10
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_cifar_pickles(tmp_path, hundred):
+    folder = make_cifar_folder(tmp_path / "d", hundred=hundred)
+    ds = data.load(cfg(dataset="cifar100" if hundred else "cifar10", data=str(tmp_path / "d"), download=False))
+    assert ds.train.images.shape == (50, 3, 32, 32)
+    assert len(ds.classes) == (100 if hundred else 10)
+    # Pixels are laid out as CIFAR stores them: 1024 red, then green, then blue values per image.
+    import pickle
+    first = pickle.load(open(folder / ("train" if hundred else "data_batch_1"), "rb"), encoding="latin1")
+    np.testing.assert_array_equal(ds.train.images[0].numpy().reshape(-1), first["data"][0])
+
+
+def _cifar_archive(tmp_path):
+    make_cifar_folder(tmp_path / "src")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return buf.getvalue()
+
+
+def test_cifar_download_from_a_local_server(tmp_path, monkeypatch):
+    """The real download path (torchvision's fetch, md5 check, extraction), served from loopback."""
+    archive = _cifar_archive(tmp_path)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "cifar-10-python.tar.gz").write_bytes(archive)
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tv = sources.CIFAR10.tv_class
+        monkeypatch.setattr(tv, "url", f"http://127.0.0.1:{server.server_port}/cifar-10-python.tar.gz")
+        monkeypatch.setattr(tv, "tgz_md5", hashlib.md5(archive).hexdigest())
+        ds = data.load(cfg(dataset="cifar10", data=str(tmp_path / "dl"), download=True))
+    finally:
+        server.shutdown()
+    assert len(ds.train) == 50 and len(ds.test) == 10
+    assert (tmp_path / "dl" / "cifar-10-batches-py" / "data_batch_5").is_file()
+
+
+def test_cifar_download_failure_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources.CIFAR10.tv_class, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    with pytest.raises(UsageError, match="could not fetch CIFAR-10.*put cifar-10-python.tar.gz into"):
+        data.load(cfg(dataset="cifar10", data=str(tmp_path / "dl"), download=True))
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=3, fmt="PNG", size=(12, 10)):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.{fmt.lower()}", format=fmt)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_imagefolder_train_and_test(tmp_path, fmt):
+    _image_folder(tmp_path / "d" / "train", fmt=fmt)
+    _image_folder(tmp_path / "d" / "test", per_class=2, fmt=fmt)
+    ds = data.load(cfg(dataset="imagefolder", data=str(tmp_path / "d")))
+    assert ds.classes == ["cat", "dog"]
+    assert ds.train.images.shape == (6, 3, 10, 12) and ds.test.images.shape == (4, 3, 10, 12)
+    assert ds.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    if fmt == "PNG":  # lossless: the pixels must be exactly the file's
+        png = np.asarray(Image.open(tmp_path / "d" / "train" / "dog" / "0.png"))
+        np.testing.assert_array_equal(ds.train.images[3].numpy().transpose(1, 2, 0), png)
+
+
+def test_imagefolder_resizes_to_image_size(tmp_path):
+    _image_folder(tmp_path / "d" / "train")
+    ds = data.load(cfg(dataset="imagefolder", data=str(tmp_path / "d"), image_size=8))
+    assert ds.train.images.shape == (6, 3, 8, 8)
+
+
+def test_decoded_dataset_is_cached(tmp_path, monkeypatch):
+    _image_folder(tmp_path / "d" / "train")
+    first = data.load(cfg(dataset="imagefolder", data=str(tmp_path / "d")))
+    monkeypatch.setattr(formats, "decode_images", lambda *a: pytest.fail("decoded again despite the cache"))
+    second = data.load(cfg(dataset="imagefolder", data=str(tmp_path / "d")))
+    assert torch.equal(first.train.images, second.train.images)
+
+
+def test_cache_is_rebuilt_when_a_file_changes(tmp_path):
+    _image_folder(tmp_path / "d" / "train")
+    data.load(cfg(dataset="imagefolder", data=str(tmp_path / "d")))
+    Image.new("RGB", (12, 10), (255, 0, 0)).save(tmp_path / "d" / "train" / "cat" / "0.png")
+    ds = data.load(cfg(dataset="imagefolder", data=str(tmp_path / "d")))
+    assert ds.train.images[0, 0].unique().tolist() == [255]
+
+
+def test_synthetic_is_learnable_and_deterministic():
+    a = data.load(cfg(dataset="synthetic", synthetic_size=100, image_size=8))
+    b = data.load(cfg(dataset="synthetic", synthetic_size=100, image_size=8))
+    assert torch.equal(a.train.images, b.train.images)
+    # Class means differ far more than the noise of a mean over ~10 images.
+    means = torch.stack([a.train.images[a.train.labels == k].float().mean(0) for k in range(10)])
+    assert (means[0] - means[1]).abs().mean() > 10
+
+
+def test_holdout_is_fixed_by_seed_and_disjoint():
+    split = data.Split(torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1), torch.arange(100))
+    tr1, va1 = data.holdout(split, 10, seed=3)
+    tr2, va2 = data.holdout(split, 10, seed=3)
+    _, va3 = data.holdout(split, 10, seed=4)
+    assert torch.equal(va1.labels, va2.labels) and not torch.equal(va1.labels, va3.labels)
+    assert sorted(tr1.labels.tolist() + va1.labels.tolist()) == list(range(100))
+
+
+def test_batched_crop_flip_matches_per_image_reference():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 12, 10), dtype=torch.uint8)
+    d = augment.draw(16, 3, True, gen)
+    batched = augment.crop_flip(images, d, 3)
+    for i in range(16):
+        ref = augment.crop_flip_one(images[i], int(d.dy[i]), int(d.dx[i]), bool(d.flip[i]), 3)
+        assert torch.equal(batched[i], ref)
+    assert d.flip.any() and not d.flip.all()
+
+
+def test_loader_yields_every_image_once_per_epoch_and_resumes_mid_epoch():
+    n = 103
+    split = data.Split(torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.arange(n))
+    b = data.Batches(split, 10, torch.device("cpu"), [0.0], [1.0], shuffle=True, seed=1)
+    labels = torch.cat([y for _, y in b.epoch(0)])
+    assert sorted(labels.tolist()) == list(range(n))
+    assert labels.tolist() != sorted(labels.tolist())
+    later = torch.cat([y for _, y in b.epoch(0, start=4)])
+    assert torch.equal(later, labels[40:])
+    assert not torch.equal(torch.cat([y for _, y in b.epoch(1)]), labels)
+
+
+def test_dataloader_path_gives_the_same_batches():
+    split = data.Split(torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8), torch.arange(50))
+    kw = dict(shuffle=True, augment="crop-flip", pad=2, seed=5)
+    a = data.make_batches(split, 8, torch.device("cpu"), [0.5] * 3, [0.25] * 3, **kw)
+    b = data.make_batches(split, 8, torch.device("cpu"), [0.5] * 3, [0.25] * 3, loader="torch", workers=1, **kw)
+    for (xa, ya), (xb, yb) in zip(a.epoch(2, start=1), b.epoch(2, start=1), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_cifar10_jpeg_split_reads_as_imagefolder(tmp_path):
+    archive = SHARED / "datasets" / "cifar10-jpeg-train.tar.gz"
+    if not archive.is_file():
+        pytest.skip(f"{archive} is not here")
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(("0000.jpg", "0001.jpg"))]
+        tar.extractall(tmp_path, members=members, filter="data")
+    ds = data.load(cfg(dataset="imagefolder", data=str(tmp_path / "cifar10-jpeg")))
+    assert ds.classes[0] == "airplane" and len(ds.classes) == 10
+    assert ds.train.images.shape[1:] == (3, 32, 32) and len(ds.train) == 20

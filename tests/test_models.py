@@ -1,0 +1,72 @@
+import pytest
+import torch
+from torch import nn
+
+from nnperf import models
+from nnperf.models.handconv import HandmadeConv2d
+
+
+@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("channels,size", [(3, 16), (1, 28)])
+def test_every_model_trains_one_step(name, channels, size):
+    torch.manual_seed(0)
+    model = models.build(name, channels, 7, size, width=8)
+    x = torch.randn(4, channels, size, size)
+    y = torch.arange(4) % 7
+    logits = model(x)
+    assert logits.shape == (4, 7)
+    loss = nn.functional.cross_entropy(logits, y)
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_convnet3_handmade_option_uses_handmade_conv():
+    model = models.build("convnet3", 3, 10, 16, width=8, conv_impl="handmade")
+    kinds = {type(m) for m in model.modules()}
+    assert HandmadeConv2d in kinds and nn.Conv2d not in kinds
+    assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == 2
+    assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 3
+
+
+@pytest.mark.parametrize("kw", [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=(3, 5), padding=(1, 2), bias=False),
+    dict(kernel_size=3, dilation=2, padding=2),
+    dict(kernel_size=1),
+])
+def test_handmade_conv_matches_nn_conv2d(kw):
+    torch.manual_seed(0)
+    ref = nn.Conv2d(3, 5, **kw).double()
+    mine = HandmadeConv2d(3, 5, **kw).double()
+    mine.load_state_dict(ref.state_dict())
+    x1 = torch.randn(2, 3, 9, 11, dtype=torch.double, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    out_ref, out_mine = ref(x1), mine(x2)
+    assert out_mine.shape == out_ref.shape
+    torch.testing.assert_close(out_mine, out_ref)
+    g = torch.randn_like(out_ref)
+    out_ref.backward(g)
+    out_mine.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(mine.weight.grad, ref.weight.grad)
+    if ref.bias is not None:
+        torch.testing.assert_close(mine.bias.grad, ref.bias.grad)
+
+
+def test_handmade_conv_init_matches_nn_conv2d_distribution():
+    torch.manual_seed(1)
+    a = nn.Conv2d(16, 32, 3)
+    torch.manual_seed(1)
+    b = HandmadeConv2d(16, 32, 3)
+    torch.testing.assert_close(a.weight, b.weight)
+    torch.testing.assert_close(a.bias, b.bias)
+
+
+def test_resnet_has_cifar_stem():
+    model = models.build("resnet18", 3, 10, 32)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, nn.Identity)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(11.17e6, rel=0.01)
