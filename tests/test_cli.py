@@ -165,3 +165,30 @@ def test_sigterm_to_the_process_then_resume(tmp_path):
                              env={**os.environ, "NNPERF_CACHE": str(tmp_path / "cache")})
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.splitlines()[-1].startswith("FINAL ")
+
+
+def test_model_help_lists_the_registry(run_cli):
+    code, out, _ = run_cli("train", "--model", "help")
+    assert code == 0
+    for name in ("small_cifar", "convnet3", "resnet18", "resnet34"):
+        assert name in out
+
+
+def test_clear_perf_removes_old_telemetry_on_resume(run_cli, tmp_path):
+    assert run_cli("train", *TINY, "--epochs", "1", "--name", "r")[0] == 0
+    old = tmp_path / "runs" / "r" / "telemetry" / "train_epoch.jsonl"
+    old.parent.mkdir()
+    old.write_text("{}\n")
+    code, _, err = run_cli("train", "--resume", "runs/r/checkpoints/last.pt", "--epochs", "2", "--clear-perf")
+    assert code == 0, err
+    assert not old.exists()
+
+
+def test_val_split_is_evaluated_and_recorded(run_cli, tmp_path):
+    code, out, err = run_cli("train", *TINY, "--epochs", "1", "--val-split", "40", "--name", "v")
+    assert code == 0, err
+    rows = [json.loads(l) for l in (tmp_path / "runs/v/metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["images"] == 152 and rows[1]["images"] == 40
+    final = _final(out)
+    code, test_out, _ = run_cli("test", "runs/v")
+    assert code == 0 and test_out.startswith(f"TEST top1={final.split('top1 ')[1].split(',')[0]}")
