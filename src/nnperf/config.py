@@ -40,7 +40,8 @@ class TrainConfig:
     synthetic_size: int = setting(2048, "number of training images for --dataset synthetic", kind=int)
     synthetic_classes: int = setting(10, "number of classes for --dataset synthetic", kind=int)
     synthetic_channels: int = setting(3, "image channels for --dataset synthetic", kind=int)
-    augment: str = setting("auto", "training augmentation: auto (per dataset), none, crop, crop-flip", choices=AUGMENTS)
+    augment: str = setting("auto", "training augmentation: auto (crop-flip; none for MNIST and Fashion-MNIST), "
+                           "none, crop, crop-flip", choices=AUGMENTS)
     loader: str = setting("tensor", "input path: tensor (whole dataset on the device, batched augmentation) or "
                           "torch (DataLoader with --workers, for datasets too large for the device)", choices=LOADERS)
     cache_dir: str | None = setting(None, "where decoded datasets are cached (default ~/.cache/nnperf)")

