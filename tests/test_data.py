@@ -166,15 +166,38 @@ def test_holdout_is_fixed_by_seed_and_disjoint():
     assert sorted(tr1.labels.tolist() + va1.labels.tolist()) == list(range(100))
 
 
-def test_batched_crop_flip_matches_per_image_reference():
+@pytest.mark.parametrize("mode", ["zero", "reflect"])
+@pytest.mark.parametrize("cutout", [0, 5])
+def test_batched_crop_flip_matches_per_image_reference(mode, cutout):
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (16, 3, 12, 10), dtype=torch.uint8)
-    d = augment.draw(16, 3, True, gen)
-    batched = augment.crop_flip(images, d, 3)
-    for i in range(16):
-        ref = augment.crop_flip_one(images[i], int(d.dy[i]), int(d.dx[i]), bool(d.flip[i]), 3)
-        assert torch.equal(batched[i], ref)
+    images = torch.randint(1, 256, (32, 3, 12, 10), dtype=torch.uint8)
+    d = augment.draw(32, 3, True, gen, (12, 10), cutout)
+    batched = augment.crop_flip(images, d, 3, mode, cutout)
+    for i in range(32):
+        ref = augment.crop_flip_one(images[i], int(d.dy[i]), int(d.dx[i]), bool(d.flip[i]), 3, mode, cutout,
+                                    int(d.cy[i]), int(d.cx[i]))
+        assert torch.equal(batched[i], ref), i
     assert d.flip.any() and not d.flip.all()
+    assert ((batched == 0).any() if mode == "zero" or cutout else not (batched == 0).any())
+
+
+def test_alternating_flip_flips_each_image_on_every_other_epoch():
+    n = 64
+    images = torch.zeros(n, 1, 2, 2, dtype=torch.uint8)
+    images[:, 0, :, 0] = 255  # left column bright: a flip moves it right
+    split = data.Split(images, torch.arange(n))
+    aug = data.Augment(flip="alternate")
+    b = data.Batches(split, 16, torch.device("cpu"), [0.0], [1.0], shuffle=True, augment=aug, seed=2)
+
+    def flipped(epoch):
+        out = torch.zeros(n, dtype=torch.bool)
+        for x, y in b.epoch(epoch):
+            out[y] = x[:, 0, 0, 1] > x[:, 0, 0, 0]
+        return out
+
+    e0, e1, e2 = flipped(0), flipped(1), flipped(2)
+    assert 0.25 < e0.float().mean() < 0.75
+    assert torch.equal(e1, ~e0) and torch.equal(e2, e0)
 
 
 def test_loader_yields_every_image_once_per_epoch_and_resumes_mid_epoch():
@@ -191,11 +214,12 @@ def test_loader_yields_every_image_once_per_epoch_and_resumes_mid_epoch():
 
 def test_dataloader_path_gives_the_same_batches():
     split = data.Split(torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8), torch.arange(50))
-    kw = dict(shuffle=True, augment="crop-flip", pad=2, seed=5)
+    kw = dict(shuffle=True, augment=data.Augment(crop=True, flip="alternate", pad=2, cutout=3), seed=5)
     a = data.make_batches(split, 8, torch.device("cpu"), [0.5] * 3, [0.25] * 3, **kw)
     b = data.make_batches(split, 8, torch.device("cpu"), [0.5] * 3, [0.25] * 3, loader="torch", workers=1, **kw)
-    for (xa, ya), (xb, yb) in zip(a.epoch(2, start=1), b.epoch(2, start=1), strict=True):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    for epoch in (2, 3):  # with persistent workers, a second epoch reuses them
+        for (xa, ya), (xb, yb) in zip(a.epoch(epoch, start=1), b.epoch(epoch, start=1), strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_cifar10_jpeg_split_reads_as_imagefolder(tmp_path):

@@ -22,6 +22,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 CONV_IMPLS = ("torch", "handmade")
 AUGMENTS = ("auto", "none", "crop", "crop-flip")
 LOADERS = ("tensor", "torch")
+PAD_MODES = ("zero", "reflect")
+FLIPS = ("random", "alternate")
 
 
 def setting(default: Any, help: str, kind: type = str, choices: tuple | None = None, flag: bool = True):
@@ -42,6 +44,12 @@ class TrainConfig:
     synthetic_channels: int = setting(3, "image channels for --dataset synthetic", kind=int)
     augment: str = setting("auto", "training augmentation: auto (crop-flip; none for MNIST and Fashion-MNIST), "
                            "none, crop, crop-flip", choices=AUGMENTS)
+    crop_pad: int | None = setting(None, "padding of the random crop in pixels (default 4 from 32x32 up, else 2)",
+                                   kind=int)
+    pad_mode: str = setting("zero", "how the crop pads: zero or reflect", choices=PAD_MODES)
+    flip: str = setting("random", "horizontal flips: random per image, or alternate (every other epoch)",
+                        choices=FLIPS)
+    cutout: int = setting(0, "zero a random square of this many pixels per image (0: off)", kind=int)
     loader: str = setting("tensor", "input path: tensor (whole dataset on the device, batched augmentation) or "
                           "torch (DataLoader with --workers, for datasets too large for the device)", choices=LOADERS)
     cache_dir: str | None = setting(None, "where decoded datasets are cached (default ~/.cache/nnperf)")
@@ -161,6 +169,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.warmup >= 0, "--warmup", f"must be 0 or more steps, got {cfg.warmup}")
     _check(0 <= cfg.label_smoothing < 1, "--label-smoothing", f"must be in [0, 1), got {cfg.label_smoothing}")
     _check(cfg.val_split >= 0, "--val-split", f"must be 0 or more images, got {cfg.val_split}")
+    _check(cfg.crop_pad is None or 0 <= cfg.crop_pad <= 64, "--crop-pad", f"must be 0 to 64, got {cfg.crop_pad}")
+    _check(0 <= cfg.cutout <= 1024, "--cutout", f"must be 0 or more pixels, got {cfg.cutout}")
     _check(cfg.workers >= 0, "--workers", f"must be 0 or more, got {cfg.workers}")
     _check(cfg.save_every >= 0, "--save-every", f"must be 0 or more epochs, got {cfg.save_every}")
     _check(cfg.max_steps >= 0, "--max-steps", f"must be 0 or more, got {cfg.max_steps}")

@@ -10,30 +10,45 @@ import math
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
-from .augment import crop_flip, derive_seed, draw
+from .augment import Augment, crop_flip, derive_seed, draw
 from .sources import Split
+
+# Keep a dataset on the GPU only while it takes at most this share of the free memory.
+DEVICE_SHARE = 0.4
+
+
+def fits_on(device: torch.device, nbytes: int) -> bool:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return nbytes <= DEVICE_SHARE * free
+    return True
 
 
 class Batches:
-    """Device-resident input: the whole split lives on the device as uint8; each batch is gathered,
-    augmented and normalised there with batched tensor operations."""
+    """Device-resident input: the whole split lives on the device as uint8 (or in pinned host
+    memory when it does not fit); each batch is gathered, augmented and normalised on the device
+    with batched tensor operations."""
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, mean: list[float], std: list[float], *,
-                 shuffle: bool = False, augment: str = "none", pad: int = 0, seed: int = 0,
-                 channels_last: bool = False):
+                 shuffle: bool = False, augment: Augment = Augment(), seed: int = 0, channels_last: bool = False):
         self.n = len(split)
         self.batch_size = batch_size
         self.device = device
-        self.shuffle, self.augment, self.pad, self.seed = shuffle, augment, pad, seed
+        self.shuffle, self.augment, self.seed = shuffle, augment, seed
         self.channels_last = channels_last
         self.images, self.labels = self._place(split)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
+        flip_gen = torch.Generator().manual_seed(derive_seed(seed, "flip"))
+        self.flip_base = torch.rand(self.n, generator=flip_gen) < 0.5  # per image, for alternating flips
 
     def _place(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-        return split.images.to(self.device), split.labels.to(self.device)
+        if fits_on(self.device, split.images.numel()):
+            return split.images.to(self.device), split.labels.to(self.device)
+        pinned = split.images.pin_memory() if self.device.type == "cuda" else split.images
+        return pinned, split.labels
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
@@ -43,20 +58,31 @@ class Batches:
             return torch.arange(self.n)
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch)))
 
-    def prepare(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-        """uint8 batch on the device -> augmented, normalised float batch."""
-        if self.augment in ("crop", "crop-flip"):
+    def prepare(self, images: torch.Tensor, index: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        """uint8 batch on the device (dataset indices `index`) -> augmented, normalised float batch."""
+        a = self.augment
+        if a.active:
+            pad = a.pad if a.crop else 0
             gen = torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, step))
-            images = crop_flip(images, draw(len(images), self.pad, self.augment == "crop-flip", gen), self.pad)
+            d = draw(len(images), pad, a.flip == "random", gen, tuple(images.shape[2:]), a.cutout)
+            if a.flip == "alternate":
+                d.flip = self.flip_base[index.cpu()] ^ bool(epoch % 2)
+            images = crop_flip(images, d, pad, a.pad_mode, a.cutout)
         x = (images.float() - self.mean) * self.inv_std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def _index(self, order: torch.Tensor, step: int) -> torch.Tensor:
+        return order[step * self.batch_size:(step + 1) * self.batch_size]
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches `start`, `start`+1, ... of `epoch`."""
-        order = self.order(epoch).to(self.images.device)
+        order = self.order(epoch)
+        order_here = order.to(self.images.device)
         for step in range(start, len(self)):
-            index = order[step * self.batch_size:(step + 1) * self.batch_size]
-            yield self.prepare(self.images[index], epoch, step), self.labels[index]
+            index = self._index(order_here, step)
+            images = self.images[index].to(self.device, non_blocking=True)
+            labels = self.labels[index].to(self.device, non_blocking=True)
+            yield self.prepare(images, self._index(order, step), epoch, step), labels
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -70,23 +96,36 @@ class _Indexed(torch.utils.data.Dataset):
         return self.split.images[i], self.split.labels[i]
 
 
+class _Order(Sampler):
+    """The sampler of a persistent DataLoader: set to each epoch's order before iterating."""
+
+    def __init__(self):
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class LoaderBatches(Batches):
-    """A standard DataLoader (worker processes, pinned memory) gathers uint8 batches in host
-    memory, for datasets too large for the device; augmentation and normalisation then run on the
-    device exactly as in `Batches`, so both paths give the same batches."""
+    """A standard DataLoader (persistent worker processes, pinned memory) gathers uint8 batches in
+    host memory, for datasets too large for the device; augmentation and normalisation then run on
+    the device exactly as in `Batches`, so both paths give the same batches."""
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, mean, std, *, workers: int = 0, **kw):
-        self.workers = workers
-        self.split = split
         super().__init__(split, batch_size, device, mean, std, **kw)
+        self.sampler = _Order()
+        self.loader = DataLoader(_Indexed(split), batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
     def _place(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         return split.images, split.labels
 
     def epoch(self, epoch: int, start: int = 0):
-        indices = self.order(epoch)[start * self.batch_size:].tolist()
-        loader = DataLoader(_Indexed(self.split), batch_size=self.batch_size, sampler=indices,
-                            num_workers=self.workers, pin_memory=self.device.type == "cuda")
-        for step, (images, labels) in enumerate(loader, start):
+        order = self.order(epoch)
+        self.sampler.indices = order[start * self.batch_size:].tolist()
+        for step, (images, labels) in enumerate(self.loader, start):
             images = images.to(self.device, non_blocking=True)
-            yield self.prepare(images, epoch, step), labels.to(self.device, non_blocking=True)
+            yield self.prepare(images, self._index(order, step), epoch, step), labels.to(self.device, non_blocking=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +39,9 @@ def load_splits(cfg: TrainConfig) -> Splits:
                          "hold out training images with --val-split N")
     mean, std = data.channel_stats(train)
     channels, height, width = ds.shape
-    augment, pad = data.default_augment(cfg.dataset, cfg.augment, min(height, width))
+    augment = data.choose_augment(cfg, min(height, width))
     info = {"dataset": cfg.dataset, "classes": ds.classes, "shape": [channels, height, width], "mean": mean,
-            "std": std, "augment": augment, "pad": pad, "eval_split": "val" if val is not None else "test",
+            "std": std, "augment": dataclasses.asdict(augment), "eval_split": "val" if val is not None else "test",
             "train_images": len(train), "eval_images": len(val if val is not None else ds.test)}
     return Splits(train, val, ds.test, info)
 
@@ -59,5 +60,5 @@ def eval_batches(cfg: TrainConfig, split: data.Split, info: dict, dev: torch.dev
 
 def train_batches(cfg: TrainConfig, split: data.Split, info: dict, dev: torch.device, channels_last: bool = False):
     return data.make_batches(split, cfg.batch_size, dev, info["mean"], info["std"], loader=cfg.loader,
-                             workers=cfg.workers, shuffle=True, augment=info["augment"], pad=info["pad"],
+                             workers=cfg.workers, shuffle=True, augment=data.Augment(**info["augment"]),
                              seed=cfg.seed, channels_last=channels_last)
