@@ -14,6 +14,8 @@ import torch
 import yaml
 from PIL import Image
 
+from nnperf import device as devices
+
 from conftest import TINY
 
 
@@ -27,7 +29,8 @@ def test_train_writes_the_whole_run_directory(run_cli, tmp_path):
     assert code == 0, err
     run = tmp_path / "runs" / "r"
     lines = out.splitlines()
-    assert lines[0].startswith(f"run {Path('runs') / 'r'}") and "fp32" in lines[0]
+    best = devices.best_mixed(torch.device("cpu")).name  # the default precision policy's choice here
+    assert lines[0].startswith(f"run {Path('runs') / 'r'}") and f"| {best} (" in lines[0]
     assert lines[1].startswith("e1: train ") and " img/s" in lines[1]
     assert lines[-1].startswith("FINAL top1 ")
     for name in ("config.yaml", "env.json", "metrics.jsonl", "checkpoints/best.pt", "checkpoints/last.pt",
@@ -37,7 +40,8 @@ def test_train_writes_the_whole_run_directory(run_cli, tmp_path):
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["epochs"] == 2 and config["name"] == "r" and config["width"] == 8
     env = json.loads((run / "env.json").read_text())
-    assert env["torch"] == torch.__version__ and env["precision"] == "fp32" and env["data"]["eval_split"] == "test"
+    assert env["torch"] == torch.__version__ and env["precision"] == best and env["data"]["eval_split"] == "test"
+    assert env["channels_last"] == (best != "fp32") and env["channels_last_reason"]
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["phase"]) for r in rows] == [(1, "train"), (1, "val"), (2, "train"), (2, "val")]
     assert rows[0]["images"] == 192 and rows[1]["images"] == 48

@@ -17,7 +17,7 @@ def test_every_model_trains_one_step(name, channels, size):
     assert logits.shape == (4, 7)
     loss = nn.functional.cross_entropy(logits, y)
     loss.backward()
-    grads = [p.grad for p in model.parameters()]
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
 
@@ -70,3 +70,36 @@ def test_resnet_has_cifar_stem():
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
     assert isinstance(model.maxpool, nn.Identity)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(11.17e6, rel=0.01)
+
+
+def test_fast_model_whitening_init_decorrelates_patches():
+    torch.manual_seed(0)
+    # Correlated channels and neighbouring pixels, as in real images.
+    base = torch.randn(64, 1, 12, 12)
+    images = torch.cat([base, 0.8 * base + 0.2 * torch.randn_like(base), torch.randn(64, 1, 12, 12)], 1)
+    images = torch.nn.functional.avg_pool2d(images, 3, 1, 1)
+    model = models.build("fast", 3, 10, 12, width=8)
+    model.init_from_data(images)
+    with torch.no_grad():
+        out = model.whiten(images) - model.whiten.bias.view(1, -1, 1, 1)
+    half = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)  # the other 12 filters are the negatives
+    cov = half.T @ half / len(half)
+    # Whitened up to the eps regulariser: variance eigenvalue/(eigenvalue + eps) per direction.
+    patches = images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    eig = torch.linalg.eigvalsh(patches.T @ patches / len(patches))
+    torch.testing.assert_close(cov, torch.diag(eig / (eig + 5e-4)), atol=2e-3, rtol=0)
+    assert eig.max() / eig.min() > 100  # the input really was far from white
+    torch.testing.assert_close(out[:, 12:], -out[:, :12])
+    before = model.whiten.weight.clone()
+    model.init_from_data(images)
+    torch.testing.assert_close(model.whiten.weight, before)
+
+
+def test_fast_model_matches_the_published_size_and_has_frozen_norm_scales():
+    model = models.build("fast", 3, 10, 32)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(1.97e6, rel=0.01)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 6 and not any(m.weight.requires_grad for m in norms)
+    # Dirac initialisation: the first conv of a group passes its input channels through.
+    conv = model.layers[1].conv1
+    assert conv.weight[3, 3, 1, 1] == 1 and conv.weight[3, 3].sum() == 1

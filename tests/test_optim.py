@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from nnperf import config
-from nnperf.train.optim import SAM, Schedule, make_optimizer, param_groups
+from nnperf.train.optim import SAM, Lookahead, Schedule, decoupled_sgd, make_optimizer, param_groups
 
 
 def test_schedules_have_their_shapes():
@@ -16,14 +16,41 @@ def test_schedules_have_their_shapes():
     assert one(0) == pytest.approx(1 / 25) and one(25) == pytest.approx(1.0) and one(100) == pytest.approx(0.0)
     assert max(one(s) for s in range(100)) == pytest.approx(1.0)
     assert Schedule("constant", total=100, warmup=0)(77) == 1.0
+    tri = Schedule("triangle", total=100, warmup=0)
+    assert tri(0) == pytest.approx(0.2) and tri(23) == pytest.approx(1.0) and tri(100) == pytest.approx(0.07)
 
 
 def test_no_weight_decay_on_norms_and_biases():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 3, 5, 5))
-    decay, no_decay = param_groups(model, 5e-4)
-    assert decay["weight_decay"] == 5e-4 and {p.ndim for p in decay["params"]} == {2, 4}
-    assert no_decay["weight_decay"] == 0 and {p.ndim for p in no_decay["params"]} == {1}
+    weights, biases, norms = param_groups(model, 5e-4, norm_lr_scale=8)
+    assert weights["weight_decay"] == 5e-4 and {p.ndim for p in weights["params"]} == {2, 4}
+    assert biases["weight_decay"] == 0 and len(biases["params"]) == 2
+    assert norms["weight_decay"] == 0 and len(norms["params"]) == 2 and norms["lr_scale"] == 8
+    everything = param_groups(model, 5e-4, norm_lr_scale=8, decay_all=True)
+    assert everything[1]["weight_decay"] == 5e-4 and everything[2]["weight_decay"] == 5e-4 / 8
+
+
+def test_decoupled_form_matches_airbench_numbers():
+    # airbench94: lr 11.5, wd 0.0153, momentum 0.85, batch 1024 -> per-sum lr 0.001465, decay 0.001995.
+    lr, wd = decoupled_sgd(11.5, 0.0153, 0.85, 1024)
+    assert lr / 1024 == pytest.approx(11.5 / (1024 * (1 + 1 / 0.15)))
+    assert lr * wd == pytest.approx(0.0153 * 1024 / (1024 * (1 + 1 / 0.15)))
+
+
+def test_lookahead_pulls_weights_to_their_average():
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    la = Lookahead(model, every=1, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    la.update(model, schedule_factor=1.0)
+    assert model.weight.flatten().tolist() == [0.5, 0.5]
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    la.finish(model)
+    assert model.weight.flatten().tolist() == [0.5, 0.5]
 
 
 def _quadratic_model():

@@ -17,7 +17,7 @@ from .errors import UsageError
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "sam")
 SAM_BASES = tuple(o for o in OPTIMIZERS if o != "sam")
-SCHEDULES = ("cosine", "onecycle", "step", "constant")
+SCHEDULES = ("cosine", "onecycle", "step", "constant", "triangle")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CONV_IMPLS = ("torch", "handmade")
 AUGMENTS = ("auto", "none", "crop", "crop-flip")
@@ -68,13 +68,26 @@ class TrainConfig:
     weight_decay: float = setting(5e-4, "weight decay (not applied to norm and bias parameters)", kind=float)
     sam_rho: float = setting(0.05, "SAM neighbourhood size rho", kind=float)
     sam_base: str = setting("sgd", "optimizer SAM wraps", choices=SAM_BASES)
-    schedule: str = setting("cosine", "learning-rate schedule: cosine, onecycle, step or constant", choices=SCHEDULES)
+    schedule: str = setting("cosine", "learning-rate schedule: cosine, onecycle, step, constant or triangle "
+                            "(0.2 -> 1 over the warm-up, default 23%% of the run, then -> 0.07)", choices=SCHEDULES)
     warmup: int = setting(0, "optimizer steps of linear warm-up before the schedule", kind=int)
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy loss (0 to <1)", kind=float)
+    decoupled: bool = setting(False, "--lr and --weight-decay in decoupled form (SGD family): lr per 1024 images "
+                              "and independent of momentum, weight decay independent of lr", kind=bool)
+    norm_lr_scale: float = setting(1.0, "learning-rate multiplier for normalisation-layer parameters", kind=float)
+    lookahead_every: int = setting(0, "every N steps pull the weights to their moving average (0: off)", kind=int)
+    lookahead_decay: float = setting(0.95, "per-step decay of that average, scaled by the schedule cubed",
+                                     kind=float)
+    tta: int = setting(0, "test-time augmentation: 0 none, 1 flips, 2 flips and 1-pixel translations", kind=int)
+    eval_every: int = setting(1, "evaluate every N epochs (the last epoch always)", kind=int)
     # hardware
-    precision: str | None = setting(None, "fp32, bf16 or fp16 (default fp32, or the device's best with --amp)",
+    precision: str | None = setting(None, "fp32, bf16 or fp16 (default: the device's best, see --amp)",
                                     choices=PRECISIONS)
-    amp: bool = setting(False, "use the device's best mixed precision", kind=bool)
+    amp: bool | None = setting(None, "the device's best mixed precision (the default); --no-amp: fp32", kind=bool)
+    channels_last: bool | None = setting(None, "NHWC memory layout (default: where the device is faster with it)",
+                                         kind=bool)
+    compile: bool = setting(False, "run the model through torch.compile (eager if the backend is unavailable)",
+                            kind=bool)
     device: str = setting("auto", "auto, cpu, cuda, cuda:N, xpu or mps")
     workers: int = setting(0, "DataLoader worker processes for --loader torch", kind=int)
     seed: int = setting(0, "random seed: initialisation, data order, augmentation, validation split", kind=int)

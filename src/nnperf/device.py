@@ -111,16 +111,27 @@ def best_mixed(dev: torch.device) -> Precision:
     return Precision("fp32", "CPU has no native bf16 (no avx512_bf16/amx_bf16); mixed precision would be slower")
 
 
-def choose_precision(dev: torch.device, requested: str | None, amp: bool) -> Precision:
-    """--precision wins; --amp picks the device's best; otherwise fp32."""
+def choose_precision(dev: torch.device, requested: str | None, amp: bool | None) -> Precision:
+    """--precision wins; --no-amp means fp32; otherwise the device's best mixed precision."""
     if requested:
         if requested == "fp16" and dev.type == "cpu":
             return Precision("fp16", "requested with --precision (slow on most CPUs)")
         return Precision(requested, "requested with --precision")
-    if amp:
-        best = best_mixed(dev)
-        return Precision(best.name, f"--amp: {best.reason}")
-    return Precision("fp32", "default (pass --amp for the device's mixed precision)")
+    if amp is False:
+        return Precision("fp32", "--no-amp")
+    return best_mixed(dev)
+
+
+def choose_channels_last(dev: torch.device, precision: Precision, requested: bool | None) -> tuple[bool, str]:
+    """channels_last (NHWC) where the convolution libraries are fastest with it: oneDNN's bf16
+    kernels on CPUs, tensor-core kernels for fp16/bf16 on CUDA/ROCm and XPU."""
+    if requested is not None:
+        return requested, "requested with --channels-last" if requested else "--no-channels-last"
+    if precision.name == "fp32":
+        return False, "fp32 convolutions run as fast in NCHW"
+    if dev.type in ("cpu", "cuda", "xpu"):
+        return True, f"{precision.name} convolutions are fastest in NHWC on {dev.type}"
+    return False, f"NHWC brings no speed on {dev.type}"
 
 
 def autocast(dev: torch.device, precision: Precision):

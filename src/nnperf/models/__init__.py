@@ -8,6 +8,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UsageError
+from .fast import FastNet
 from .resnet import cifar_resnet
 from .small import ConvNet3, SmallCNN
 
@@ -25,6 +26,8 @@ REGISTRY: dict[str, ModelSpec] = {
                              "small from-scratch CNN: 5 conv+BN layers, global pooling (--width, default 32)"),
     "convnet3": ModelSpec(lambda c, k, s, w, impl: ConvNet3(c, k, s, w or 32, impl),
                           "3 conv + max-pool, 2 dropout, 3 fully-connected layers; --conv-impl handmade"),
+    "fast": ModelSpec(lambda c, k, s, w, impl: FastNet(c, k, (w, 4 * w, 4 * w) if w else (64, 256, 256)),
+                      "airbench-class speed-record net: whitening 2x2 conv, 3 conv groups, BN+GELU (--width 64)"),
     "resnet18": ModelSpec(lambda c, k, s, w, impl: cifar_resnet(18, c, k), "ResNet-18, CIFAR stem (11.2M params)"),
     "resnet34": ModelSpec(lambda c, k, s, w, impl: cifar_resnet(34, c, k), "ResNet-34, CIFAR stem (21.3M params)"),
 }

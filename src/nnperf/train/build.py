@@ -9,10 +9,32 @@ import torch
 from torch import nn
 
 from .. import data, models
+from .. import device as devices
 from ..config import TrainConfig
 from ..errors import UsageError
 
 SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Hardware:
+    """Where and how the model runs, with the reasons printed and saved in env.json."""
+
+    dev: torch.device
+    precision: devices.Precision
+    channels_last: bool
+    layout_reason: str
+
+    def describe(self) -> str:
+        layout = "channels_last" if self.channels_last else "NCHW"
+        return f"{self.precision.name} ({self.precision.reason}), {layout} ({self.layout_reason})"
+
+
+def choose_hardware(cfg: TrainConfig) -> Hardware:
+    dev = devices.resolve(cfg.device)
+    precision = devices.choose_precision(dev, cfg.precision, cfg.amp)
+    channels_last, reason = devices.choose_channels_last(dev, precision, cfg.channels_last)
+    return Hardware(dev, precision, channels_last, reason)
 
 
 @dataclass

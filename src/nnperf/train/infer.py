@@ -14,7 +14,7 @@ from .. import config as configs
 from .. import device as devices
 from ..errors import UsageError
 from . import checkpoint
-from .build import SPLITS, build_model, eval_batches, load_splits
+from .build import SPLITS, build_model, choose_hardware, eval_batches, load_splits
 from .step import evaluate
 
 
@@ -39,12 +39,11 @@ def test(run_dir: str, checkpoint_path: str | None = None, split: str | None = N
     split = split or info["eval_split"]
     if split not in SPLITS:
         raise UsageError(f"--split: unknown split '{split}' (choose from {', '.join(SPLITS)})")
-    dev = devices.resolve(cfg.device)
-    precision = devices.choose_precision(dev, cfg.precision, cfg.amp)
-    model = build_model(cfg, info, dev)
+    hw = choose_hardware(cfg)
+    model = build_model(cfg, info, hw.dev, hw.channels_last)
     model.load_state_dict(state["model"])
-    batches = eval_batches(cfg, load_splits(cfg).get(split), info, dev)
-    return {"split": split, "checkpoint": path, **evaluate(model, batches, dev, precision)}
+    batches = eval_batches(cfg, load_splits(cfg).get(split), info, hw.dev, hw.channels_last)
+    return {"split": split, "checkpoint": path, **evaluate(model, batches, hw.dev, hw.precision, cfg.tta)}
 
 
 def test_line(result: dict) -> str:

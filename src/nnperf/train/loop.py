@@ -17,10 +17,13 @@ from .. import envinfo
 from ..errors import Interrupted, UsageError
 from ..fileio import read_jsonl, write_json, write_jsonl, write_text, write_with
 from . import checkpoint, rundir
-from .build import build_model, eval_batches, load_splits, train_batches
-from .optim import make_optimizer, make_schedule
+from .build import Hardware, build_model, choose_hardware, eval_batches, load_splits, train_batches
+from .optim import Lookahead, make_optimizer, make_schedule
 from .signals import StopRequest
-from .step import TrainStep, evaluate, topk_correct
+from .step import CompiledOrEager, TrainStep, evaluate, topk_correct
+
+# Images the data-dependent initialisation (the fast model's whitening layer) looks at.
+INIT_IMAGES = 5000
 
 
 @dataclass
@@ -45,8 +48,7 @@ class Position:
 class Run:
     cfg: configs.TrainConfig
     dir: Path
-    dev: torch.device
-    precision: devices.Precision
+    hw: Hardware
     info: dict
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -55,34 +57,51 @@ class Run:
     train: object
     eval: object
     step: TrainStep
+    lookahead: Lookahead | None
     rows: list = field(default_factory=list)
     pos: Position = field(default_factory=Position)
+
+    @property
+    def dev(self) -> torch.device:
+        return self.hw.dev
 
     @property
     def ckpt_dir(self) -> Path:
         return self.dir / "checkpoints"
 
 
-def _setup(cfg: configs.TrainConfig, state: dict | None) -> Run:
-    dev = devices.resolve(cfg.device)
-    precision = devices.choose_precision(dev, cfg.precision, cfg.amp)
-    if cfg.optimizer == "sam" and precision.needs_scaler:
+def _init_from_data(model: torch.nn.Module, split, info: dict, dev: torch.device) -> None:
+    """Data-dependent initialisation for models that have one (the fast model's whitening)."""
+    if hasattr(model, "init_from_data"):
+        images = split.images[:INIT_IMAGES].to(dev).float().div_(255)
+        mean = torch.tensor(info["mean"], device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(info["std"], device=dev).view(1, -1, 1, 1)
+        model.init_from_data((images - mean) / std)
+
+
+def _setup(cfg: configs.TrainConfig, state: dict | None, log: Callable[[str], None]) -> Run:
+    hw = choose_hardware(cfg)
+    if cfg.optimizer == "sam" and hw.precision.needs_scaler:
         raise UsageError("--optimizer sam: needs --precision fp32 or bf16 on this device, not fp16")
     splits = load_splits(cfg)
     info = state["data"] if state else splits.info
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, info, dev)
+    model = build_model(cfg, info, hw.dev, hw.channels_last)
     if state:
         checkpoint.state_matches_model(state, model, cfg.resume)
-    train = train_batches(cfg, splits.train, info, dev)
-    evals = eval_batches(cfg, splits.get(info["eval_split"]), info, dev)
+    else:
+        _init_from_data(model, splits.train, info, hw.dev)
+    train = train_batches(cfg, splits.train, info, hw.dev, hw.channels_last)
+    evals = eval_batches(cfg, splits.get(info["eval_split"]), info, hw.dev, hw.channels_last)
     optimizer = make_optimizer(cfg, model)
     # --max-steps only stops early; the schedule keeps its full length so a stopped run can resume.
     scheduler = make_schedule(cfg, optimizer, len(train) * cfg.epochs)
-    scaler = torch.amp.GradScaler(dev.type) if precision.needs_scaler else None
-    step = TrainStep(model, optimizer, scaler, dev, precision, cfg.label_smoothing)
+    scaler = torch.amp.GradScaler(hw.dev.type) if hw.precision.needs_scaler else None
+    forward = CompiledOrEager(model, log) if cfg.compile else None
+    step = TrainStep(model, optimizer, scaler, hw.dev, hw.precision, cfg.label_smoothing, forward)
+    lookahead = Lookahead(model, cfg.lookahead_every, cfg.lookahead_decay) if cfg.lookahead_every else None
     path = rundir.for_resume(cfg) if state else rundir.create(cfg)
-    return Run(cfg, path, dev, precision, info, model, optimizer, scheduler, scaler, train, evals, step)
+    return Run(cfg, path, hw, info, model, optimizer, scheduler, scaler, train, evals, step, lookahead)
 
 
 def _restore(run: Run, state: dict) -> None:
@@ -94,6 +113,8 @@ def _restore(run: Run, state: dict) -> None:
         schedule.total = len(run.train) * run.cfg.epochs
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
+    if run.lookahead is not None and state.get("lookahead"):
+        run.lookahead.average = {k: v.to(run.dev) for k, v in state["lookahead"].items()}
     torch.set_rng_state(state["rng"]["torch"])
     if run.dev.type == "cuda" and state["rng"].get("cuda"):
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -116,7 +137,8 @@ def _state(run: Run) -> dict:
     return {"config": configs.to_dict(run.cfg), "data": run.info, "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler else None, "epoch": p.epoch, "step": p.step,
-            "global_step": p.global_step, "best": p.best, "sums": dict(p.sums), "rng": rng}
+            "global_step": p.global_step, "best": p.best, "sums": dict(p.sums), "rng": rng,
+            "lookahead": run.lookahead.average if run.lookahead else None}
 
 
 def _lr(run: Run) -> float:
@@ -145,6 +167,8 @@ def _train_epoch(run: Run, stop: StopRequest, bar) -> None:
         waited += time.perf_counter() - ask
         loss, logits = run.step(x, y)
         run.scheduler.step()
+        if run.lookahead is not None and (p.global_step + 1) % run.lookahead.every == 0:
+            run.lookahead.update(run.model, run.scheduler.lr_lambdas[0](p.global_step + 1))
         s["loss"] += loss.double() * len(y)
         s["top1"] += topk_correct(logits, y, 1)
         s["top5"] += topk_correct(logits, y, 5)
@@ -172,16 +196,26 @@ def _save_interrupted(run: Run, signum: int) -> None:
     raise Interrupted(signum, str(path))
 
 
+def _is_last_epoch(run: Run) -> bool:
+    return run.pos.epoch + 1 >= run.cfg.epochs or _steps_done(run)
+
+
 def _end_epoch(run: Run, log: Callable[[str], None]) -> None:
-    """Evaluate, write the epoch's metrics and checkpoints, and print its line."""
+    """Evaluate (every --eval-every epochs and at the end), write the epoch's metrics and
+    checkpoints, and print its line."""
     cfg, p = run.cfg, run.pos
+    last = _is_last_epoch(run)
+    if last and run.lookahead is not None:
+        run.lookahead.finish(run.model)
     train_row = _train_row(run, "train")
-    val = evaluate(run.model, run.eval, run.dev, run.precision)
-    val_row = {"t": time.time(), "epoch": p.epoch + 1, "step": p.global_step, "phase": "val", **val}
-    run.rows += [train_row, val_row]
+    run.rows.append(train_row)
+    val = None
+    if last or (p.epoch + 1) % cfg.eval_every == 0:
+        val = evaluate(run.model, run.eval, run.dev, run.hw.precision, cfg.tta)
+        run.rows.append({"t": time.time(), "epoch": p.epoch + 1, "step": p.global_step, "phase": "val", **val})
     write_jsonl(run.dir / "metrics.jsonl", run.rows)
     p.epoch, p.step = p.epoch + 1, 0
-    improved = p.best is None or val["top1"] > p.best["top1"]
+    improved = val is not None and (p.best is None or val["top1"] > p.best["top1"])
     if improved:
         p.best = {"epoch": p.epoch, "top1": val["top1"], "top5": val["top5"], "loss": val["loss"]}
     p.reset_sums(run.dev)
@@ -191,13 +225,14 @@ def _end_epoch(run: Run, log: Callable[[str], None]) -> None:
         checkpoint.save(run.ckpt_dir / "best.pt", state)
     if cfg.save_every and p.epoch % cfg.save_every == 0:
         checkpoint.save(run.ckpt_dir / f"epoch{p.epoch:04d}.pt", state)
-    log(epoch_line(train_row, val_row))
+    log(epoch_line(train_row, val))
 
 
-def epoch_line(train: dict, val: dict) -> str:
+def epoch_line(train: dict, val: dict | None) -> str:
     ips = f"{train['images_per_s']:.0f}" if train["images_per_s"] else "-"
-    return (f"e{train['epoch']}: train {train['loss']:.3f}/{train['top1']:.3f} | val {val['loss']:.3f} "
-            f"top1 {val['top1']:.3f} top5 {val['top5']:.3f} | {train['seconds']:.1f}s {ips} img/s")
+    evaluated = f"val {val['loss']:.3f} top1 {val['top1']:.3f} top5 {val['top5']:.3f}" if val else "val -"
+    return (f"e{train['epoch']}: train {train['loss']:.3f}/{train['top1']:.3f} | {evaluated} | "
+            f"{train['seconds']:.1f}s {ips} img/s")
 
 
 def final_line(best: dict) -> str:
@@ -208,7 +243,8 @@ def _start_files(run: Run, resumed: bool) -> None:
     if run.cfg.clear_perf:
         rundir.clear_telemetry(run.dir)
     write_text(run.dir / "config.yaml", configs.to_yaml(run.cfg))
-    env = envinfo.collect(run.dev, run.precision, channels_last=False)
+    env = envinfo.collect(run.dev, run.hw.precision, run.hw.channels_last)
+    env["channels_last_reason"] = run.hw.layout_reason
     env["data"] = run.info
     if resumed:
         env["resumed_at"] = {"epoch": run.pos.epoch, "step": run.pos.step, "global_step": run.pos.global_step}
@@ -227,13 +263,13 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
     Returns the run directory and the best epoch's metrics."""
     if cfg.name is None:
         cfg.name = rundir.default_name(cfg)
-    run = _setup(cfg, state)
+    run = _setup(cfg, state, log)
     run.pos.reset_sums(run.dev)
     if state:
         _restore(run, state)
     _start_files(run, resumed=state is not None)
     log(f"run {run.dir} | {cfg.dataset} {cfg.model} on {run.dev} ({devices.device_name(run.dev)}) | "
-        f"{run.precision.name}: {run.precision.reason}")
+        f"{run.hw.describe()}")
     with StopRequest() as stop:
         while run.pos.epoch < cfg.epochs and not _steps_done(run):
             bar = _progress_bar(run)

@@ -12,13 +12,32 @@ from ..config import TrainConfig
 from ..errors import UsageError
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices and filters only: decaying norm scales and biases only hurts."""
-    decay, no_decay = [], []
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float, norm_lr_scale: float = 1.0,
+                 decay_all: bool = False) -> list[dict]:
+    """Three groups: weights (decayed), biases, and normalisation-layer parameters (learning rate
+    times `norm_lr_scale`). Biases and norm parameters are decayed only with `decay_all`: decaying
+    them usually only hurts, but the decoupled recipe decays everything by the same amount."""
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
+    weights, biases, norms = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (norms if id(p) in norm_ids else weights if p.ndim > 1 else biases).append(p)
+    other_decay = weight_decay if decay_all else 0.0
+    # SGD's decay step is lr * weight_decay: dividing by the lr scale keeps the decay itself equal.
+    return [{"params": weights, "weight_decay": weight_decay},
+            {"params": biases, "weight_decay": other_decay},
+            {"params": norms, "weight_decay": other_decay / norm_lr_scale, "lr_scale": norm_lr_scale}]
+
+
+def decoupled_sgd(lr: float, weight_decay: float, momentum: float, batch_size: int) -> tuple[float, float]:
+    """(SGD lr, SGD weight_decay) from the decoupled form of the airbench recipes: `lr` is the step
+    size per 1024 images independent of momentum, `weight_decay` the decay per 1024 images
+    independent of lr. For the mean loss over a batch of `batch_size` images."""
+    kilostep = 1024 * (1 + 1 / (1 - momentum))
+    return lr * batch_size / kilostep, weight_decay / lr
 
 
 def _base(name: str, cfg: TrainConfig) -> tuple[type, dict]:
@@ -36,11 +55,17 @@ def _base(name: str, cfg: TrainConfig) -> tuple[type, dict]:
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    lr, weight_decay = cfg.lr, cfg.weight_decay
+    if cfg.decoupled:
+        lr, weight_decay = decoupled_sgd(cfg.lr, cfg.weight_decay, cfg.momentum, cfg.batch_size)
+    groups = param_groups(model, weight_decay, cfg.norm_lr_scale, decay_all=cfg.decoupled)
+    name = cfg.sam_base if cfg.optimizer == "sam" else cfg.optimizer
+    cls, kwargs = _base(name, cfg)
+    kwargs["lr"] = lr
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_scale", 1.0)
     if cfg.optimizer == "sam":
-        cls, kwargs = _base(cfg.sam_base, cfg)
         return SAM(groups, cls, rho=cfg.sam_rho, **kwargs)
-    cls, kwargs = _base(cfg.optimizer, cfg)
     return cls(groups, **kwargs)
 
 
@@ -110,6 +135,8 @@ class Schedule:
     def __call__(self, step: int) -> float:
         if self.kind == "onecycle":
             return self._onecycle(step)
+        if self.kind == "triangle":
+            return self._triangle(step)
         if step < self.warmup:
             return (step + 1) / self.warmup
         t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
@@ -126,6 +153,39 @@ class Schedule:
             return 1 / 25 + (1 - 1 / 25) * step / up
         t = min(1.0, (step - up) / max(1, self.total - up))
         return 0.5 * (1 + math.cos(math.pi * t))
+
+
+    def _triangle(self, step: int) -> float:
+        # airbench's shape: from 0.2 up to the peak over the warm-up (default 23%), then down to 0.07.
+        up = self.warmup or max(1, round(0.23 * self.total))
+        if step < up:
+            return 0.2 + 0.8 * step / up
+        return 1 - 0.93 * min(1.0, (step - up) / max(1, self.total - up))
+
+
+class Lookahead:
+    """Every few steps, move a moving average of the weights (and BatchNorm statistics) towards the
+    current ones and set the weights to it (hlb-cifar10's lookahead). Its decay shrinks with the
+    learning rate (schedule cubed), so the average follows closely early and smooths late."""
+
+    def __init__(self, model: nn.Module, every: int, decay: float):
+        self.every, self.decay = every, decay
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, schedule_factor: float) -> None:
+        decay = self.decay ** self.every * schedule_factor ** 3
+        for key, value in model.state_dict().items():
+            if key in self.average:
+                self.average[key].lerp_(value, 1 - decay)
+                value.copy_(self.average[key])
+
+    @torch.no_grad()
+    def finish(self, model: nn.Module) -> None:
+        """End of training: the weights become the average."""
+        for key, value in model.state_dict().items():
+            if key in self.average:
+                value.copy_(self.average[key])
 
 
 def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):

@@ -38,14 +38,16 @@ class TrainStep:
     """Forward, backward and update for one batch in the chosen precision."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                 dev: torch.device, precision: devices.Precision, label_smoothing: float = 0.0):
+                 dev: torch.device, precision: devices.Precision, label_smoothing: float = 0.0,
+                 forward: nn.Module | None = None):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.forward = forward or model
         self.dev, self.precision = dev, precision
         self.label_smoothing = label_smoothing
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with devices.autocast(self.dev, self.precision):
-            logits = self.model(x)
+            logits = self.forward(x)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,8 +72,24 @@ class TrainStep:
         return loss.detach(), logits.detach()
 
 
+def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Logits averaged over test-time augmentations: level 1 adds the mirror image, level 2 also
+    the (mirrored) images shifted by one pixel up-left and down-right (reflect padding)."""
+    logits = model(x)
+    if level == 0:
+        return logits
+    mirrored = 0.5 * (logits + model(x.flip(-1)))
+    if level == 1:
+        return mirrored
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+    shifted_logits = torch.stack([0.5 * (model(s) + model(s.flip(-1))) for s in shifted]).mean(0)
+    return 0.5 * mirrored + 0.5 * shifted_logits
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, dev: torch.device, precision: devices.Precision) -> dict:
+def evaluate(model: nn.Module, batches, dev: torch.device, precision: devices.Precision, tta: int = 0) -> dict:
     """Mean cross-entropy, top-1 and top-5 accuracy over every batch, and the time it took."""
     model.eval()
     devices.sync(dev)
@@ -82,8 +100,8 @@ def evaluate(model: nn.Module, batches, dev: torch.device, precision: devices.Pr
     n = 0
     for x, y in batches.epoch(0):
         with devices.autocast(dev, precision):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            logits = tta_logits(model, x, tta).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         top1 += topk_correct(logits, y, 1)
         top5 += topk_correct(logits, y, 5)
         n += len(y)
@@ -91,3 +109,25 @@ def evaluate(model: nn.Module, batches, dev: torch.device, precision: devices.Pr
     seconds = time.perf_counter() - start
     return {"loss": loss_sum.item() / n, "top1": top1.item() / n, "top5": top5.item() / n, "images": n,
             "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else None}
+
+
+class CompiledOrEager(nn.Module):
+    """The model through torch.compile; if compiling fails (no compiler, unsupported backend), one
+    message and the eager model from then on. Weights are shared, so checkpoints are unaffected."""
+
+    def __init__(self, model: nn.Module, log):
+        super().__init__()
+        self.eager = model
+        self.compiled = torch.compile(model)
+        self.log = log
+        self.failed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            try:
+                return self.compiled(x)
+            except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
+                self.failed = True
+                self.log(f"--compile: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         "running eager")
+        return self.eager(x)
