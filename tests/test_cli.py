@@ -112,6 +112,11 @@ def _same_run(a: Path, b: Path):
 
 # convnet3 has dropout, so these also check that the global RNG state is carried over.
 RESUMABLE = [*TINY, "--model", "convnet3", "--log-every", "3"]
+# The fast recipe's moving parts: whitening init, lookahead, decoupled SGD, alternating flips, TTA.
+FAST_RECIPE = [*TINY, "--model", "fast", "--decoupled", "--lr", "5", "--weight-decay", "0.01", "--momentum",
+               "0.85", "--norm-lr-scale", "16", "--label-smoothing", "0.2", "--schedule", "triangle",
+               "--lookahead-every", "2", "--flip", "alternate", "--pad-mode", "reflect", "--crop-pad", "2",
+               "--cutout", "4", "--tta", "2", "--eval-every", "3", "--log-every", "3"]
 
 
 def test_resume_after_two_of_four_epochs_gives_the_same_run(run_cli, tmp_path):
@@ -123,7 +128,8 @@ def test_resume_after_two_of_four_epochs_gives_the_same_run(run_cli, tmp_path):
     _same_run(tmp_path / "runs" / "full", tmp_path / "runs" / "part")
 
 
-def test_signal_mid_epoch_saves_position_and_resume_reproduces(run_cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", [RESUMABLE, FAST_RECIPE], ids=["convnet3", "fast"])
+def test_signal_mid_epoch_saves_position_and_resume_reproduces(run_cli, tmp_path, monkeypatch, recipe):
     from nnperf.train import loop
 
     real_step = loop.TrainStep.__call__
@@ -135,9 +141,9 @@ def test_signal_mid_epoch_saves_position_and_resume_reproduces(run_cli, tmp_path
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(self, x, y)
 
-    assert run_cli("train", *RESUMABLE, "--epochs", "3", "--name", "full")[0] == 0
+    assert run_cli("train", *recipe, "--epochs", "3", "--name", "full")[0] == 0
     monkeypatch.setattr(loop.TrainStep, "__call__", step_then_signal)
-    code, out, err = run_cli("train", *RESUMABLE, "--epochs", "3", "--name", "part")
+    code, out, err = run_cli("train", *recipe, "--epochs", "3", "--name", "part")
     assert code == 128 + signal.SIGINT
     assert "nnperf train --resume runs/part/checkpoints/last.pt" in err and "Traceback" not in err
     state = torch.load(tmp_path / "runs/part/checkpoints/last.pt", weights_only=True)
@@ -196,3 +202,14 @@ def test_val_split_is_evaluated_and_recorded(run_cli, tmp_path):
     final = _final(out)
     code, test_out, _ = run_cli("test", "runs/v")
     assert code == 0 and test_out.startswith(f"TEST top1={final.split('top1 ')[1].split(',')[0]}")
+
+
+def test_fast_recipe_evaluates_with_tta_at_the_end(run_cli, tmp_path):
+    code, out, err = run_cli("train", *FAST_RECIPE, "--epochs", "4", "--name", "f")
+    assert code == 0, err
+    rows = [json.loads(l) for l in (tmp_path / "runs/f/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["phase"] == "val"] == [3, 4]
+    assert [r["step"] for r in rows if r["phase"] == "train_step"] == [3, 6, 9, 12, 15, 18, 21, 24]
+    code, test_out, _ = run_cli("test", "runs/f")
+    final = _final(out)
+    assert test_out.startswith(f"TEST top1={final.split('top1 ')[1].split(',')[0]}")

@@ -232,3 +232,13 @@ def test_cifar10_jpeg_split_reads_as_imagefolder(tmp_path):
     ds = data.load(cfg(dataset="imagefolder", data=str(tmp_path / "cifar10-jpeg")))
     assert ds.classes[0] == "airplane" and len(ds.classes) == 10
     assert ds.train.images.shape[1:] == (3, 32, 32) and len(ds.train) == 20
+
+
+def test_imagefolder_from_a_tar_archive_is_extracted_once(tmp_path):
+    _image_folder(tmp_path / "src" / "tree" / "train")
+    with tarfile.open(tmp_path / "tree.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / "tree", arcname="tree")
+    ds = data.load(cfg(dataset="imagefolder", data=str(tmp_path / "tree.tar.gz"), val_split=2))
+    assert ds.classes == ["cat", "dog"] and len(ds.train) == 6
+    extracted = list((tmp_path / "cache" / "extracted").iterdir())
+    assert len(extracted) == 1 and (extracted[0] / "tree" / "train" / "cat").is_dir()

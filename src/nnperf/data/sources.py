@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tarfile
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +21,7 @@ from ..config import TrainConfig
 from ..errors import UsageError
 from . import formats
 from .cache import cached, file_fingerprint
+from .cache import default_dir as default_cache_dir
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_ROOT = Path("data")
@@ -169,10 +175,30 @@ def _load_idx(tv_class: type, title: str, cfg: TrainConfig, extra: tuple[Path, .
 
 # ---- ImageFolder ------------------------------------------------------------------------------
 
+def _extracted(archive: Path, cache_dir: str | None) -> Path:
+    """A tar archive of an ImageFolder tree, extracted once into the cache; the folder holding train/."""
+    key = hashlib.sha256(json.dumps(file_fingerprint([archive])).encode()).hexdigest()[:16]
+    target = (Path(cache_dir) if cache_dir else default_cache_dir()) / "extracted" / key
+    if not target.is_dir():
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UsageError(f"--data {archive}: cannot extract ({e})") from None
+        os.replace(tmp, target)  # whole or not at all
+    found = sorted(p.parent for p in target.glob("**/train") if p.is_dir())
+    return found[0] if found else target
+
+
 def _load_imagefolder(cfg: TrainConfig) -> dict:
     if not cfg.data:
         raise UsageError("--data: --dataset imagefolder needs --data DIR with train/<class>/<images>")
     root = Path(cfg.data)
+    if root.is_file() and tarfile.is_tarfile(root):
+        root = _extracted(root, cfg.cache_dir)
     if not (root / "train").is_dir():
         raise UsageError(f"--data {root}: no train/ folder (expected {root}/train/<class>/<images>, "
                          "and optionally val/ or test/)")
