@@ -102,3 +102,36 @@ def test_sam_state_dict_carries_the_base_momentum():
     other = make_optimizer(cfg, _quadratic_model())
     other.load_state_dict(state)
     assert isinstance(other, SAM) and other.param_groups is other.base.param_groups
+
+
+def test_orthogonalise_flattens_the_singular_values():
+    from nnperf.train.optim import orthogonalise
+    torch.manual_seed(0)
+    g = torch.randn(16, 40) @ torch.diag(torch.logspace(-2, 1, 40))
+    sv = torch.linalg.svdvals(orthogonalise(g, steps=5).float())
+    assert sv.min() > 0.5 and sv.max() < 1.3  # from a spread of 1000x to within [0.5, 1.3]
+    u, _, v = torch.linalg.svd(g, full_matrices=False)
+    cos = torch.nn.functional.cosine_similarity(orthogonalise(g, steps=5).float().flatten(), (u @ v).flatten(), 0)
+    assert cos > 0.95
+
+
+def test_muon_updates_filters_orthogonally_and_the_rest_by_sgd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+    cfg = config.build({}, {"optimizer": "muon", "lr": 0.1, "momentum": 0.9, "muon_lr": 0.05})
+    opt = make_optimizer(cfg, model)
+    muon_groups = [g for g in opt.param_groups if g["muon"]]
+    assert len(muon_groups) == 1 and muon_groups[0]["params"] == [model[0].weight]
+    conv = model[0].weight.detach().clone()
+    head = model[3].weight.detach().clone()
+    x = torch.randn(4, 3, 6, 6)
+    model(x).pow(2).mean().backward()
+    grad = model[3].weight.grad.clone()
+    opt.step()
+    # Nesterov SGD on the head: p - lr * (g + m * (m*0 + g)).
+    torch.testing.assert_close(model[3].weight.detach(), head - 0.1 * (grad + 0.9 * grad))
+    # Filters: rescaled to norm sqrt(out channels), then a step of lr along an orthogonal matrix.
+    rescaled = conv * 8 ** 0.5 / conv.norm()
+    step = ((rescaled - model[0].weight.detach()) / 0.05).reshape(8, -1)
+    sv = torch.linalg.svdvals(step)
+    assert sv.min() > 0.5 and sv.max() < 1.3

@@ -15,8 +15,8 @@ import yaml
 
 from .errors import UsageError
 
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "sam")
-SAM_BASES = tuple(o for o in OPTIMIZERS if o != "sam")
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "sam", "muon")
+SAM_BASES = tuple(o for o in OPTIMIZERS if o not in ("sam", "muon"))
 SCHEDULES = ("cosine", "onecycle", "step", "constant", "triangle")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CONV_IMPLS = ("torch", "handmade")
@@ -63,10 +63,13 @@ class TrainConfig:
     batch_size: int = setting(128, "training batch size", kind=int)
     eval_batch_size: int = setting(256, "evaluation batch size", kind=int)
     lr: float = setting(0.05, "peak learning rate", kind=float)
-    optimizer: str = setting("nesterov", "sgd, nesterov, adam, adamw, rmsprop, adagrad or sam", choices=OPTIMIZERS)
+    optimizer: str = setting("nesterov", "sgd, nesterov, adam, adamw, rmsprop, adagrad, sam, or muon (Muon for "
+                             "conv filters, Nesterov SGD for the rest)", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "momentum (sgd, nesterov, rmsprop, sam on sgd)", kind=float)
     weight_decay: float = setting(5e-4, "weight decay (not applied to norm and bias parameters)", kind=float)
     sam_rho: float = setting(0.05, "SAM neighbourhood size rho", kind=float)
+    muon_lr: float = setting(0.24, "learning rate of the conv filters with --optimizer muon", kind=float)
+    muon_momentum: float = setting(0.6, "momentum of the conv filters with --optimizer muon", kind=float)
     sam_base: str = setting("sgd", "optimizer SAM wraps", choices=SAM_BASES)
     schedule: str = setting("cosine", "learning-rate schedule: cosine, onecycle, step, constant or triangle "
                             "(0.2 -> 1 over the warm-up, default 23%% of the run, then -> 0.07)", choices=SCHEDULES)

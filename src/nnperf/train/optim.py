@@ -59,6 +59,8 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.decoupled:
         lr, weight_decay = decoupled_sgd(cfg.lr, cfg.weight_decay, cfg.momentum, cfg.batch_size)
     groups = param_groups(model, weight_decay, cfg.norm_lr_scale, decay_all=cfg.decoupled)
+    if cfg.optimizer == "muon":
+        return Muon.for_groups(groups, lr, cfg.momentum, cfg.muon_lr, cfg.muon_momentum)
     name = cfg.sam_base if cfg.optimizer == "sam" else cfg.optimizer
     cls, kwargs = _base(name, cfg)
     kwargs["lr"] = lr
@@ -122,6 +124,59 @@ class SAM(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         self.base.load_state_dict(state_dict)
         self.param_groups = self.base.param_groups
+
+
+def orthogonalise(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately the nearest semi-orthogonal matrix to `g` (U V^T of its SVD), by a quintic
+    Newton-Schulz iteration tuned to push all singular values near 1 in few steps (Muon, K. Jordan)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    x = x / (x.norm() + eps)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return (x.T if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for convolution filters, Nesterov SGD for every other parameter.
+
+    A filter bank's update is its Nesterov momentum made orthogonal (all singular values ~1), so
+    every direction of the filter space moves at the same rate. Filters followed by BatchNorm are
+    scale-free, so their norm is held fixed and the learning rate stays a true step size.
+    """
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float):
+        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=0.0, muon=False))
+
+    @classmethod
+    def for_groups(cls, groups: list[dict], lr: float, momentum: float, muon_lr: float, muon_momentum: float):
+        """Split the 4-D weights (conv filters) out of `groups` into a Muon group."""
+        filters = [p for p in groups[0]["params"] if p.ndim == 4]
+        groups[0]["params"] = [p for p in groups[0]["params"] if p.ndim != 4]
+        muon = {"params": filters, "lr": muon_lr, "momentum": muon_momentum, "weight_decay": 0.0, "muon": True}
+        return cls([g for g in groups if g["params"]] + [muon], lr, momentum)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if not group["muon"] and group["weight_decay"]:
+                    g = g.add(p, alpha=group["weight_decay"])
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(momentum).add_(g)
+                update = g.add(buf, alpha=momentum)  # Nesterov
+                if group["muon"]:
+                    p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
+                    update = orthogonalise(update.reshape(len(p), -1)).view_as(p)
+                p.add_(update, alpha=-lr)
 
 
 @dataclass
