@@ -45,12 +45,16 @@ def test_lookahead_pulls_weights_to_their_average():
     la = Lookahead(model, every=1, decay=0.5)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    la.update(model, schedule_factor=1.0)
+    la.update(model, progress=1.0)
     assert model.weight.flatten().tolist() == [0.5, 0.5]
     with torch.no_grad():
         model.weight.fill_(3.0)
+    la.update(model, progress=0.0)  # at the start: no averaging, the average jumps to the weights
+    assert model.weight.flatten().tolist() == [3.0, 3.0]
+    with torch.no_grad():
+        model.weight.fill_(5.0)
     la.finish(model)
-    assert model.weight.flatten().tolist() == [0.5, 0.5]
+    assert model.weight.flatten().tolist() == [3.0, 3.0]
 
 
 def _quadratic_model():

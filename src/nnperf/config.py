@@ -79,7 +79,7 @@ class TrainConfig:
                               "and independent of momentum, weight decay independent of lr", kind=bool)
     norm_lr_scale: float = setting(1.0, "learning-rate multiplier for normalisation-layer parameters", kind=float)
     lookahead_every: int = setting(0, "every N steps pull the weights to their moving average (0: off)", kind=int)
-    lookahead_decay: float = setting(0.95, "per-step decay of that average, scaled by the schedule cubed",
+    lookahead_decay: float = setting(0.95, "per-step decay of that average, times (fraction of training done) cubed",
                                      kind=float)
     tta: int = setting(0, "test-time augmentation: 0 none, 1 flips, 2 flips and 1-pixel translations", kind=int)
     eval_every: int = setting(1, "evaluate every N epochs (the last epoch always)", kind=int)

@@ -168,7 +168,7 @@ def _train_epoch(run: Run, stop: StopRequest, bar) -> None:
         loss, logits = run.step(x, y)
         run.scheduler.step()
         if run.lookahead is not None and (p.global_step + 1) % run.lookahead.every == 0:
-            run.lookahead.update(run.model, run.scheduler.lr_lambdas[0](p.global_step + 1))
+            run.lookahead.update(run.model, (p.global_step + 1) / (len(run.train) * cfg.epochs))
         s["loss"] += loss.double() * len(y)
         s["top1"] += topk_correct(logits, y, 1)
         s["top5"] += topk_correct(logits, y, 5)

@@ -220,16 +220,17 @@ class Schedule:
 
 class Lookahead:
     """Every few steps, move a moving average of the weights (and BatchNorm statistics) towards the
-    current ones and set the weights to it (hlb-cifar10's lookahead). Its decay shrinks with the
-    learning rate (schedule cubed), so the average follows closely early and smooths late."""
+    current ones and set the weights to it (hlb-cifar10's lookahead). Its decay grows with the
+    cube of the fraction of training done: no averaging early, when the weights must move, and
+    strong smoothing at the end."""
 
     def __init__(self, model: nn.Module, every: int, decay: float):
         self.every, self.decay = every, decay
         self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module, schedule_factor: float) -> None:
-        decay = self.decay ** self.every * schedule_factor ** 3
+    def update(self, model: nn.Module, progress: float) -> None:
+        decay = self.decay ** self.every * progress ** 3
         for key, value in model.state_dict().items():
             if key in self.average:
                 self.average[key].lerp_(value, 1 - decay)
