@@ -213,3 +213,18 @@ def test_fast_recipe_evaluates_with_tta_at_the_end(run_cli, tmp_path):
     code, test_out, _ = run_cli("test", "runs/f")
     final = _final(out)
     assert test_out.startswith(f"TEST top1={final.split('top1 ')[1].split(',')[0]}")
+
+
+def test_compile_failure_falls_back_to_eager(run_cli, tmp_path, monkeypatch):
+    def broken_compile(model, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("no C++ compiler found")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    code, out, err = run_cli("train", *TINY, "--epochs", "1", "--compile", "--name", "c")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert any(l.startswith("--compile: torch.compile failed (RuntimeError: no C++ compiler found); running eager")
+               for l in lines)
+    assert lines[-1].startswith("FINAL")

@@ -37,7 +37,10 @@ class TrainConfig:
     dataset: str = setting("fashion-mnist", "cifar10, cifar100, fashion-mnist, mnist, imagefolder or synthetic")
     data: str | None = setting(None, "folder with the dataset files (default: a per-dataset location)")
     download: bool = setting(True, "download CIFAR/MNIST files when they are missing", kind=bool)
-    val_split: int = setting(0, "hold out this many training images for validation (fixed by --seed)", kind=int)
+    val_split: int = setting(0, "hold out this many training images for validation (chosen by --split-seed)",
+                             kind=int)
+    split_seed: int = setting(0, "seed of the --val-split shuffle; kept apart from --seed so that runs with "
+                              "different seeds are measured on the same images", kind=int)
     image_size: int | None = setting(None, "resize ImageFolder images (or make synthetic ones) this size", kind=int)
     synthetic_size: int = setting(2048, "number of training images for --dataset synthetic", kind=int)
     synthetic_classes: int = setting(10, "number of classes for --dataset synthetic", kind=int)
@@ -93,7 +96,7 @@ class TrainConfig:
                             kind=bool)
     device: str = setting("auto", "auto, cpu, cuda, cuda:N, xpu or mps")
     workers: int = setting(0, "DataLoader worker processes for --loader torch", kind=int)
-    seed: int = setting(0, "random seed: initialisation, data order, augmentation, validation split", kind=int)
+    seed: int = setting(0, "random seed: initialisation, data order, augmentation", kind=int)
     # run directory
     resume: str | None = setting(None, "continue a run from its checkpoint (e.g. runs/NAME/checkpoints/last.pt)")
     save_every: int = setting(0, "also keep a checkpoint every N epochs (0: never)", kind=int)

@@ -55,7 +55,7 @@ class Splits:
 def load_splits(cfg: TrainConfig) -> Splits:
     """The dataset, with `--val-split` images held out; evaluation uses val if held out, else test."""
     ds = data.load(cfg)
-    train, val = (data.holdout(ds.train, cfg.val_split, cfg.seed) if cfg.val_split else (ds.train, None))
+    train, val = (data.holdout(ds.train, cfg.val_split, cfg.split_seed) if cfg.val_split else (ds.train, None))
     if val is None and ds.test is None:
         raise UsageError(f"--val-split: {cfg.dataset} at {cfg.data} has no test split; "
                          "hold out training images with --val-split N")
