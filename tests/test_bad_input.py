@@ -36,6 +36,13 @@ def _one_line_error(code, out, err, *needles):
     (["--device", "tpu"], ["--device", "tpu"]),
     (["--val-split", "100000"], ["--val-split"]),
     (["--optimizer", "sam", "--precision", "fp16"], ["--optimizer sam", "fp16"]),
+    (["--tta", "3"], ["--tta"]),
+    (["--eval-every", "0"], ["--eval-every"]),
+    (["--lookahead-decay", "1.5"], ["--lookahead-decay"]),
+    (["--decoupled", "--optimizer", "adam"], ["--decoupled"]),
+    (["--muon-lr", "0"], ["--muon-lr"]),
+    (["--flip", "sometimes"], ["--flip", "alternate"]),
+    (["--pad-mode", "wrap"], ["--pad-mode", "reflect"]),
 ])
 def test_bad_flags(run_cli, args, needles):
     _one_line_error(*run_cli("train", *TINY, "--epochs", "1", *args), *needles)

@@ -47,7 +47,15 @@ def _parser() -> Parser:
     pred.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
     pred.add_argument("--json", action="store_true", help="print JSON instead of text")
     pred.add_argument("--device", default="cpu", help="device to run on (default cpu)")
+    sub.add_parser("devices", help="accelerators, and the telemetry each can record")
     return root
+
+
+def cmd_devices(ns: argparse.Namespace) -> int:
+    from .telemetry.devices import describe
+
+    print(describe())
+    return 0
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
@@ -95,7 +103,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict}
+COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "devices": cmd_devices}
 
 
 def main(argv: list[str] | None = None) -> int:

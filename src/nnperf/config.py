@@ -97,6 +97,9 @@ class TrainConfig:
     device: str = setting("auto", "auto, cpu, cuda, cuda:N, xpu or mps")
     workers: int = setting(0, "DataLoader worker processes for --loader torch", kind=int)
     seed: int = setting(0, "random seed: initialisation, data order, augmentation", kind=int)
+    # telemetry
+    telemetry: bool = setting(True, "record hardware telemetry into RUN/telemetry/ (--no-telemetry: off)", kind=bool)
+    telemetry_interval: float = setting(0.5, "seconds between telemetry samples (0.05 or more)", kind=float)
     # run directory
     resume: str | None = setting(None, "continue a run from its checkpoint (e.g. runs/NAME/checkpoints/last.pt)")
     save_every: int = setting(0, "also keep a checkpoint every N epochs (0: never)", kind=int)
@@ -201,6 +204,17 @@ def validate(cfg: TrainConfig) -> None:
     _check(2 <= cfg.synthetic_classes <= 1000, "--synthetic-classes",
            f"must be between 2 and 1000, got {cfg.synthetic_classes}")
     _check(cfg.synthetic_channels in (1, 3), "--synthetic-channels", f"must be 1 or 3, got {cfg.synthetic_channels}")
+    _check(0.05 <= cfg.telemetry_interval <= 3600, "--telemetry-interval",
+           f"must be between 0.05 and 3600 seconds, got {cfg.telemetry_interval}")
+    _check(cfg.tta in (0, 1, 2), "--tta", f"must be 0, 1 or 2, got {cfg.tta}")
+    _check(cfg.eval_every >= 1, "--eval-every", f"must be 1 or more epochs, got {cfg.eval_every}")
+    _check(cfg.lookahead_every >= 0, "--lookahead-every", f"must be 0 or more steps, got {cfg.lookahead_every}")
+    _check(0 < cfg.lookahead_decay < 1, "--lookahead-decay", f"must be in (0, 1), got {cfg.lookahead_decay}")
+    _check(0 < cfg.norm_lr_scale <= 1e4, "--norm-lr-scale", f"must be above 0, got {cfg.norm_lr_scale}")
+    _check(not (cfg.decoupled and cfg.optimizer not in ("sgd", "nesterov", "muon")), "--decoupled",
+           "is defined for --optimizer sgd, nesterov or muon")
+    _check(0 < cfg.muon_lr <= 10, "--muon-lr", f"must be above 0 and at most 10, got {cfg.muon_lr}")
+    _check(0 <= cfg.muon_momentum < 1, "--muon-momentum", f"must be in [0, 1), got {cfg.muon_momentum}")
     _check(not (cfg.optimizer == "sam" and cfg.precision == "fp16"), "--optimizer sam",
            "works with --precision fp32 or bf16, not fp16 (its two passes do not fit one gradient scaler step)")
 

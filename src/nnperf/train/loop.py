@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from tqdm import tqdm
 from .. import config as configs
 from .. import device as devices
 from .. import envinfo
+from .. import telemetry
+from ..telemetry import backends as telemetry_backends
 from ..errors import Interrupted, UsageError
 from ..fileio import read_jsonl, write_json, write_jsonl, write_text, write_with
 from . import checkpoint, rundir
@@ -58,6 +61,7 @@ class Run:
     eval: object
     step: TrainStep
     lookahead: Lookahead | None
+    sampler: telemetry.Sampler | None = None
     rows: list = field(default_factory=list)
     pos: Position = field(default_factory=Position)
 
@@ -165,6 +169,7 @@ def _train_epoch(run: Run, stop: StopRequest, bar) -> None:
     ask = time.perf_counter()
     for x, y in run.train.epoch(p.epoch, p.step):
         waited += time.perf_counter() - ask
+        _where(run, "train")
         loss, logits = run.step(x, y)
         run.scheduler.step()
         if run.lookahead is not None and (p.global_step + 1) % run.lookahead.every == 0:
@@ -207,12 +212,14 @@ def _end_epoch(run: Run, log: Callable[[str], None]) -> None:
     last = _is_last_epoch(run)
     if last and run.lookahead is not None:
         run.lookahead.finish(run.model)
-    train_row = _train_row(run, "train")
+    train_row = {**_train_row(run, "train"), **_energy(run, "train")}
     run.rows.append(train_row)
     val = None
     if last or (p.epoch + 1) % cfg.eval_every == 0:
+        _where(run, "val")
         val = evaluate(run.model, run.eval, run.dev, run.hw.precision, cfg.tta)
-        run.rows.append({"t": time.time(), "epoch": p.epoch + 1, "step": p.global_step, "phase": "val", **val})
+        run.rows.append({"t": time.time(), "epoch": p.epoch + 1, "step": p.global_step, "phase": "val", **val,
+                         **_energy(run, "val")})
     write_jsonl(run.dir / "metrics.jsonl", run.rows)
     p.epoch, p.step = p.epoch + 1, 0
     improved = val is not None and (p.best is None or val["top1"] > p.best["top1"])
@@ -226,6 +233,38 @@ def _end_epoch(run: Run, log: Callable[[str], None]) -> None:
     if cfg.save_every and p.epoch % cfg.save_every == 0:
         checkpoint.save(run.ckpt_dir / f"epoch{p.epoch:04d}.pt", state)
     log(epoch_line(train_row, val))
+
+
+def _where(run: Run, phase: str) -> None:
+    if run.sampler is not None:
+        run.sampler.set_phase(phase, run.pos.epoch + 1, run.pos.global_step)
+
+
+def _energy(run: Run, phase: str) -> dict:
+    """energy_j of this epoch's phase, where some device could tell it (never made up)."""
+    window = run.sampler.energy.window(phase, run.pos.epoch + 1) if run.sampler is not None else None
+    return window or {}
+
+
+def _start_telemetry(run: Run, log: Callable[[str], None]) -> telemetry.Sampler | None:
+    if not run.cfg.telemetry:
+        return None
+    backends = telemetry_backends.for_device(run.dev, warn=log)
+    sampler = telemetry.Sampler(backends, run.dir / "telemetry", run.cfg.telemetry_interval, run=run.cfg.name)
+    sampler.set_phase("train", run.pos.epoch + 1, run.pos.global_step)
+    return sampler.start()
+
+
+def _telemetry_info(run: Run) -> dict:
+    if run.sampler is None:
+        return {"enabled": False}
+    return {"enabled": True, "interval_s": run.cfg.telemetry_interval,
+            "backends": [{"name": w.backend.name, "device": w.backend.device, "disabled": w.disabled}
+                         for w in run.sampler.workers],
+            "energy_method": {d: {"counter": "energy counter differences",
+                                  "power": "sampled power integrated over time (trapezoid)"}[m]
+                              for d, m in run.sampler.energy.methods.items()},
+            "sampler_cpu_s": run.sampler.cpu_s, "samples": run.sampler.samples}
 
 
 def epoch_line(train: dict, val: dict | None) -> str:
@@ -251,6 +290,12 @@ def _start_files(run: Run, resumed: bool) -> None:
     write_json(run.dir / "env.json", env)
 
 
+def _update_env(run: Run, extra: dict) -> None:
+    path = run.dir / "env.json"
+    env = json.loads(path.read_text()) if path.is_file() else {}
+    write_json(path, {**env, **extra})
+
+
 def _progress_bar(run: Run):
     if not sys.stderr.isatty():
         return None
@@ -270,15 +315,21 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
     _start_files(run, resumed=state is not None)
     log(f"run {run.dir} | {cfg.dataset} {cfg.model} on {run.dev} ({devices.device_name(run.dev)}) | "
         f"{run.hw.describe()}")
-    with StopRequest() as stop:
-        while run.pos.epoch < cfg.epochs and not _steps_done(run):
-            bar = _progress_bar(run)
-            try:
-                _train_epoch(run, stop, bar)
-            finally:
-                if bar is not None:
-                    bar.close()
-            _end_epoch(run, log)
+    run.sampler = _start_telemetry(run, log)
+    try:
+        with StopRequest() as stop:
+            while run.pos.epoch < cfg.epochs and not _steps_done(run):
+                bar = _progress_bar(run)
+                try:
+                    _train_epoch(run, stop, bar)
+                finally:
+                    if bar is not None:
+                        bar.close()
+                _end_epoch(run, log)
+    finally:
+        if run.sampler is not None:
+            run.sampler.stop()
+        _update_env(run, {"telemetry": _telemetry_info(run)})
     write_with(run.ckpt_dir / "final_weights.pt", lambda tmp: torch.save(run.model.state_dict(), tmp))
     log(final_line(run.pos.best))
     return {"run_dir": str(run.dir), "best": run.pos.best, "epochs": run.pos.epoch, "steps": run.pos.global_step}

@@ -1,0 +1,140 @@
+"""AMD GPUs through the `amdsmi` Python package (ROCm 6+), with the key names of each release."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+from .base import number
+
+
+def load_amdsmi():
+    return importlib.import_module("amdsmi")
+
+
+def visible_index(hip_index: int, env: dict | None = None) -> int:
+    """The amdsmi processor for HIP device `hip_index`, through the *_VISIBLE_DEVICES lists."""
+    env = env if env is not None else os.environ
+    for var in ("HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+        entries = [e.strip() for e in env.get(var, "").split(",") if e.strip()]
+        if entries and entries[hip_index].isdigit():
+            return int(entries[hip_index])
+    return hip_index
+
+
+def celsius(value) -> float | None:
+    # The API documents millidegrees, yet amd-smi prints the raw value as degrees C and real
+    # captures read 36 C: take degrees, but scale a value no GPU can reach.
+    v = number(value)
+    return v / 1000 if v is not None and v > 200 else v
+
+
+def first_number(d: dict, *keys: str) -> float | None:
+    for key in keys:
+        v = number(d.get(key))
+        if v is not None:
+            return v
+    return None
+
+
+class AmdSmiBackend:
+    name = "amdsmi"
+
+    def __init__(self, hip_index: int = 0, lib=None):
+        self.lib = lib or load_amdsmi()
+        self.lib.amdsmi_init()
+        self.device = f"cuda:{hip_index}"
+        self.handle = self.lib.amdsmi_get_processor_handles()[visible_index(hip_index)]
+        self.missing: dict[str, str] = {}
+        self.readers: dict[str, Callable[[], dict]] = {
+            "activity": self._activity, "power": self._power, "energy": self._energy,
+            "temperature": self._temperature, "clocks": self._clocks, "vram": self._vram}
+
+    @staticmethod
+    def available() -> tuple[bool, str]:
+        try:
+            lib = load_amdsmi()
+            lib.amdsmi_init()
+            return len(lib.amdsmi_get_processor_handles()) > 0, "amdsmi (ROCm)"
+        except ImportError:
+            return False, "the amdsmi package is not installed (it ships with ROCm: pip install /opt/rocm/share/amd_smi)"
+        except Exception as e:  # noqa: BLE001 - any failure means: not usable here
+            return False, f"amdsmi did not start ({e})"
+
+    def _activity(self) -> dict:
+        a = self.lib.amdsmi_get_gpu_activity(self.handle)
+        return {"gpu_util_pct": number(a.get("gfx_activity")), "mem_util_pct": number(a.get("umc_activity"))}
+
+    def _power(self) -> dict:
+        # ROCm 7 fills socket_power, MI300 reports current_, older cards average_socket_power.
+        p = self.lib.amdsmi_get_power_info(self.handle)
+        return {"power_w": first_number(p, "socket_power", "current_socket_power", "average_socket_power")}
+
+    def _energy(self) -> dict:
+        e = self.lib.amdsmi_get_energy_count(self.handle)
+        ticks = first_number(e, "energy_accumulator", "power")  # renamed in ROCm 6.4
+        resolution = number(e.get("counter_resolution"))
+        if ticks is None or resolution is None:
+            return {}
+        return {"energy_j": ticks * resolution / 1e6}  # ticks x resolution = microjoules
+
+    def _temperature(self) -> dict:
+        kind, metric = self.lib.AmdSmiTemperatureType, self.lib.AmdSmiTemperatureMetric.CURRENT
+        out = {"temp_c": celsius(self.lib.amdsmi_get_temp_metric(self.handle, kind.EDGE, metric))}
+        try:
+            out["temp_hotspot_c"] = celsius(self.lib.amdsmi_get_temp_metric(self.handle, kind.HOTSPOT, metric))
+        except self.lib.AmdSmiException:
+            pass
+        return out
+
+    def _clocks(self) -> dict:
+        clk = self.lib.AmdSmiClkType
+        gfx = self.lib.amdsmi_get_clock_info(self.handle, clk.GFX)
+        mem = self.lib.amdsmi_get_clock_info(self.handle, clk.MEM)
+        return {"sm_clock_mhz": first_number(gfx, "clk", "cur_clk"),
+                "mem_clock_mhz": first_number(mem, "clk", "cur_clk")}
+
+    def _vram(self) -> dict:
+        v = self.lib.amdsmi_get_gpu_vram_usage(self.handle)
+        return {"vram_used_mb": number(v.get("vram_used")), "vram_total_mb": number(v.get("vram_total"))}
+
+    def sample(self) -> dict:
+        row = {}
+        for group, read in list(self.readers.items()):
+            try:
+                values = {k: v for k, v in read().items() if v is not None}
+            except self.lib.AmdSmiLibraryException as e:
+                if "NOT_SUPPORTED" in str(getattr(e, "err_info", "")) or "not supported" in str(e).lower():
+                    del self.readers[group]
+                    self.missing[group] = f"not supported on this GPU ({e})"
+                continue
+            if not values and group not in self.missing:
+                self.missing[group] = "the driver answers N/A"
+            row.update(values)
+        return row
+
+    def metrics(self) -> tuple[list[str], dict[str, str]]:
+        return metrics_from_probe(self.sample(), self.missing, GROUP_METRICS)
+
+    def close(self) -> None:
+        try:
+            self.lib.amdsmi_shut_down()
+        except Exception:  # noqa: BLE001 - closing must not fail
+            pass
+
+
+GROUP_METRICS = {"activity": ["gpu_util_pct", "mem_util_pct"], "power": ["power_w"], "energy": ["energy_j"],
+                 "temperature": ["temp_c", "temp_hotspot_c"], "clocks": ["sm_clock_mhz", "mem_clock_mhz"],
+                 "vram": ["vram_used_mb", "vram_total_mb"]}
+
+
+def metrics_from_probe(row: dict, missing: dict[str, str], groups: dict[str, list[str]]):
+    """(metrics one sample produced, {metric it lacks: why}) for `nnperf devices`."""
+    recorded = sorted(row)
+    why = {}
+    for group, names in groups.items():
+        for name in names:
+            if name not in row:
+                why[name] = missing.get(group, "the device did not report it")
+    return recorded, why

@@ -1,0 +1,61 @@
+"""The telemetry backend protocol and the helpers every backend uses."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+# Every metric a row may carry, with its unit in its name (DESIGN.md, telemetry row).
+METRICS = (
+    "gpu_util_pct", "mem_util_pct", "vram_used_mb", "vram_total_mb", "power_w", "energy_j", "temp_c",
+    "temp_hotspot_c", "temp_mem_c", "sm_clock_mhz", "mem_clock_mhz", "throttle_reasons", "pcie_tx_kbps",
+    "pcie_rx_kbps", "torch_mem_alloc_mb", "torch_mem_reserved_mb", "torch_max_mem_alloc_mb", "cpu_util_pct",
+    "sys_cpu_util_pct", "proc_rss_mb", "sys_mem_used_mb", "sys_mem_total_mb",
+)
+TEXT_METRICS = {"throttle_reasons"}
+
+
+class Backend(Protocol):
+    """One source of samples for one device. `sample()` returns {metric: value} with only the
+    metrics it could read this time; a metric it cannot read is absent, never 0."""
+
+    name: str
+    device: str
+
+    def sample(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+def number(value: Any) -> float | None:
+    """A finite float from an int, float or numeric string ("31.0", "1,024", "36 C"); None for
+    "N/A" and its variants, empty strings, NaN, and anything else."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        text = value.strip().replace(",", "")
+        head = text.split()[0] if text else ""
+        try:
+            result = float(head)
+        except ValueError:
+            return None
+        return result if math.isfinite(result) else None
+    return None
+
+
+def clean(raw: Any) -> dict[str, Any]:
+    """Keep only known metrics with usable values: what a backend returns is not trusted blindly."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"sample() returned {type(raw).__name__}, not a dict")
+    out = {}
+    for key, value in raw.items():
+        if key in TEXT_METRICS:
+            if isinstance(value, str) and value:
+                out[key] = value
+        elif key in METRICS:
+            v = number(value)
+            if v is not None and v >= 0:
+                out[key] = v
+    return out

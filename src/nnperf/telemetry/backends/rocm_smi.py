@@ -1,0 +1,158 @@
+"""AMD GPUs where only the command-line tools exist: `rocm-smi --json` and `amd-smi metric --json`.
+
+Both run as a subprocess (no shell) with a timeout, and never more often than they can answer.
+Key names of ROCm 5 and of ROCm 6.0/6.1+ are all understood; every value arrives as a string.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+
+from .amdsmi import visible_index
+from .base import number
+
+MB = 1024 * 1024
+ROCM_SMI_ARGS = ["--showuse", "--showmemuse", "--showpower", "--showtemp", "--showclocks", "--showmeminfo",
+                 "vram", "--showenergycounter", "--json"]
+CLOCK = re.compile(r"\((\d+(?:\.\d+)?)\s*Mhz\)", re.IGNORECASE)
+
+
+def _first(card: dict, *keys: str) -> float | None:
+    for key in keys:
+        v = number(card.get(key))
+        if v is not None:
+            return v
+    return None
+
+
+def _clock(text) -> float | None:
+    m = CLOCK.search(text) if isinstance(text, str) else None
+    return float(m.group(1)) if m else None
+
+
+def parse_rocm_smi_card(card: dict) -> dict:
+    """One `cardN` object of `rocm-smi --json` (ROCm 5.x, 6.0, 6.1+) -> telemetry metrics."""
+    row = {
+        "gpu_util_pct": _first(card, "GPU use (%)"),
+        # Memory-controller activity: "GPU memory use (%)" until 6.0, split and renamed in 6.1.
+        "mem_util_pct": _first(card, "GPU Memory Read/Write Activity (%)", "GPU memory use (%)"),
+        "power_w": _first(card, "Current Socket Graphics Package Power (W)", "Average Graphics Package Power (W)"),
+        "temp_c": _first(card, "Temperature (Sensor edge) (C)"),
+        "temp_hotspot_c": _first(card, "Temperature (Sensor junction) (C)"),
+        "temp_mem_c": _first(card, "Temperature (Sensor memory) (C)"),
+        "sm_clock_mhz": _clock(card.get("sclk clock speed:")),
+        "mem_clock_mhz": _clock(card.get("mclk clock speed:")),
+    }
+    used, total = _first(card, "VRAM Total Used Memory (B)"), _first(card, "VRAM Total Memory (B)")
+    row["vram_used_mb"] = used / MB if used is not None else None
+    row["vram_total_mb"] = total / MB if total is not None else None
+    energy_uj = _first(card, "Accumulated Energy (uJ)")
+    row["energy_j"] = energy_uj / 1e6 if energy_uj is not None else None
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def rocm_smi_cards(text: str) -> list[dict]:
+    """The `cardN` objects of a `rocm-smi --json` output, in card order."""
+    data = json.loads(text.strip())
+    cards = [(int(k[4:]), v) for k, v in data.items() if re.fullmatch(r"card\d+", k) and isinstance(v, dict)]
+    return [v for _, v in sorted(cards)]
+
+
+def _value(leaf) -> float | None:
+    """An amd-smi leaf: {"value": ..., "unit": ...}, or "N/A" in place of the whole leaf."""
+    return number(leaf.get("value")) if isinstance(leaf, dict) else number(leaf)
+
+
+def parse_amd_smi_gpu(gpu: dict) -> dict:
+    """One GPU object of `amd-smi metric --json` -> telemetry metrics."""
+    usage, power = gpu.get("usage") or {}, gpu.get("power") or {}
+    clock, temp = gpu.get("clock") or {}, gpu.get("temperature") or {}
+    mem, energy = gpu.get("mem_usage") or {}, gpu.get("energy") or {}
+
+    def clk(name):
+        entry = clock.get(name)
+        return _value(entry.get("clk")) if isinstance(entry, dict) else None
+
+    row = {
+        "gpu_util_pct": _value(usage.get("gfx_activity")), "mem_util_pct": _value(usage.get("umc_activity")),
+        "power_w": next((v for v in (_value(power.get(k)) for k in (
+            "socket_power", "current_socket_power", "average_socket_power")) if v is not None), None),
+        "sm_clock_mhz": clk("gfx_0"), "mem_clock_mhz": clk("mem_0"),
+        "temp_c": _value(temp.get("edge")), "temp_hotspot_c": _value(temp.get("hotspot")),
+        "temp_mem_c": _value(temp.get("mem")),
+        "vram_used_mb": _value(mem.get("used_vram")), "vram_total_mb": _value(mem.get("total_vram")),
+        "energy_j": _value(energy.get("total_energy_consumption")),
+    }
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def amd_smi_gpus(text: str) -> list[dict]:
+    data = json.loads(text.strip())
+    if isinstance(data, dict):  # newer releases wrap the list
+        data = data.get("gpu_data", [])
+    return [g for g in data if isinstance(g, dict)]
+
+
+class _CliBackend:
+    """Runs a tool, parses one GPU out of its JSON, and paces itself to the tool's own speed."""
+
+    command: list[str]
+    timeout_s = 5.0
+
+    def __init__(self, hip_index: int = 0, run=subprocess.run):
+        self.device = f"cuda:{hip_index}"
+        self.index = visible_index(hip_index)
+        self.run = run
+        self.ready_at = 0.0
+
+    def _output(self) -> str | None:
+        now = time.monotonic()
+        if now < self.ready_at:
+            return None  # the tool is slower than the sampling interval: skip this tick
+        proc = self.run(self.command, capture_output=True, text=True, timeout=self.timeout_s, check=False)
+        took = time.monotonic() - now
+        self.ready_at = now + 2 * took  # at most half of the time spent inside the tool
+        if proc.returncode != 0:
+            raise RuntimeError(f"{self.command[0]} exited with {proc.returncode}: {proc.stderr.strip()[:200]}")
+        return proc.stdout
+
+    def close(self) -> None:
+        pass
+
+
+class RocmSmiBackend(_CliBackend):
+    name = "rocm-smi"
+    command = ["rocm-smi", *ROCM_SMI_ARGS]
+
+    @staticmethod
+    def available() -> tuple[bool, str]:
+        path = shutil.which("rocm-smi")
+        return (True, path) if path else (False, "rocm-smi is not on PATH")
+
+    def sample(self) -> dict:
+        out = self._output()
+        return parse_rocm_smi_card(rocm_smi_cards(out)[self.index]) if out is not None else {}
+
+    def metrics(self) -> tuple[list[str], dict[str, str]]:
+        return sorted(self.sample()), {}
+
+
+class AmdSmiCliBackend(_CliBackend):
+    name = "amd-smi"
+    command = ["amd-smi", "metric", "--json"]
+
+    @staticmethod
+    def available() -> tuple[bool, str]:
+        path = shutil.which("amd-smi")
+        return (True, path) if path else (False, "amd-smi is not on PATH")
+
+    def sample(self) -> dict:
+        out = self._output()
+        return parse_amd_smi_gpu(amd_smi_gpus(out)[self.index]) if out is not None else {}
+
+    def metrics(self) -> tuple[list[str], dict[str, str]]:
+        return sorted(self.sample()), {}
