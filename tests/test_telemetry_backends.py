@@ -223,3 +223,16 @@ def test_rapl_counts_package_energy_across_a_wraparound(tmp_path):
 def test_rapl_absent_means_no_energy_key(tmp_path):
     b = CpuBackend(powercap=tmp_path / "none")
     assert "energy_j" not in b.sample()
+
+
+def test_the_nvml_fake_matches_the_real_binding():
+    """Every pynvml name the backend and the fake use exists in the real nvidia-ml-py module, so the
+    fake cannot drift from the API it stands in for (no driver needed: nothing is called)."""
+    real = pytest.importorskip("pynvml")
+    fake = fake_pynvml()
+    used = [n for n in vars(fake) if n.startswith(("nvml", "NVML"))]
+    missing = [n for n in used if not hasattr(real, n)]
+    assert not missing, missing
+    assert real.NVML_CLOCK_SM == fake.NVML_CLOCK_SM and real.NVML_PCIE_UTIL_RX_BYTES == fake.NVML_PCIE_UTIL_RX_BYTES
+    assert issubclass(real.NVMLError_NotSupported, real.NVMLError)
+    assert real.nvmlClocksEventReasonSwPowerCap == 0x4 and real.nvmlClocksThrottleReasonHwThermalSlowdown == 0x40
