@@ -31,6 +31,15 @@ def candidates(dev: torch.device) -> list[tuple[str, type | None, tuple[bool, st
     return out
 
 
+def _build(cls: type, dev: torch.device) -> Backend:
+    """Vendor backends take the device index, the allocator the device, the CPU nothing."""
+    if cls is CpuBackend:
+        return cls()
+    if cls is TorchMemBackend:
+        return cls(dev)
+    return cls(dev.index or 0)
+
+
 def for_device(dev: torch.device, warn=None) -> list[Backend]:
     """The backends to sample for training on `dev`: the first working vendor source (AMD: amdsmi,
     else rocm-smi, else amd-smi), the PyTorch allocator for accelerators, and the CPU."""
@@ -40,7 +49,7 @@ def for_device(dev: torch.device, warn=None) -> list[Backend]:
         if not ok or (is_vendor and vendor_done):
             continue
         try:
-            backend = cls(dev) if cls is TorchMemBackend else cls() if cls is CpuBackend else cls(dev.index or 0)
+            backend = _build(cls, dev)
         except Exception as e:  # noqa: BLE001 - a source that cannot start is skipped, training goes on
             if warn:
                 warn(f"backend {name} could not start ({e}); skipped")

@@ -6,7 +6,7 @@ import importlib
 import os
 from typing import Callable
 
-from .base import number
+from .base import first_number, number
 
 
 def load_amdsmi():
@@ -28,14 +28,6 @@ def celsius(value) -> float | None:
     # captures read 36 C: take degrees, but scale a value no GPU can reach.
     v = number(value)
     return v / 1000 if v is not None and v > 200 else v
-
-
-def first_number(d: dict, *keys: str) -> float | None:
-    for key in keys:
-        v = number(d.get(key))
-        if v is not None:
-            return v
-    return None
 
 
 class AmdSmiBackend:

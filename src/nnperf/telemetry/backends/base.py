@@ -45,6 +45,15 @@ def number(value: Any) -> float | None:
     return None
 
 
+def first_number(d: dict, *keys: str) -> float | None:
+    """The first of `keys` whose value in `d` is a number (tools rename keys between releases)."""
+    for key in keys:
+        v = number(d.get(key))
+        if v is not None:
+            return v
+    return None
+
+
 def clean(raw: Any) -> dict[str, Any]:
     """Keep only known metrics with usable values: what a backend returns is not trusted blindly."""
     if not isinstance(raw, dict):

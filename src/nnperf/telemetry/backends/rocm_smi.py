@@ -13,20 +13,12 @@ import subprocess
 import time
 
 from .amdsmi import visible_index
-from .base import number
+from .base import first_number, number
 
 MB = 1024 * 1024
 ROCM_SMI_ARGS = ["--showuse", "--showmemuse", "--showpower", "--showtemp", "--showclocks", "--showmeminfo",
                  "vram", "--showenergycounter", "--json"]
 CLOCK = re.compile(r"\((\d+(?:\.\d+)?)\s*Mhz\)", re.IGNORECASE)
-
-
-def _first(card: dict, *keys: str) -> float | None:
-    for key in keys:
-        v = number(card.get(key))
-        if v is not None:
-            return v
-    return None
 
 
 def _clock(text) -> float | None:
@@ -37,20 +29,20 @@ def _clock(text) -> float | None:
 def parse_rocm_smi_card(card: dict) -> dict:
     """One `cardN` object of `rocm-smi --json` (ROCm 5.x, 6.0, 6.1+) -> telemetry metrics."""
     row = {
-        "gpu_util_pct": _first(card, "GPU use (%)"),
+        "gpu_util_pct": first_number(card, "GPU use (%)"),
         # Memory-controller activity: "GPU memory use (%)" until 6.0, split and renamed in 6.1.
-        "mem_util_pct": _first(card, "GPU Memory Read/Write Activity (%)", "GPU memory use (%)"),
-        "power_w": _first(card, "Current Socket Graphics Package Power (W)", "Average Graphics Package Power (W)"),
-        "temp_c": _first(card, "Temperature (Sensor edge) (C)"),
-        "temp_hotspot_c": _first(card, "Temperature (Sensor junction) (C)"),
-        "temp_mem_c": _first(card, "Temperature (Sensor memory) (C)"),
+        "mem_util_pct": first_number(card, "GPU Memory Read/Write Activity (%)", "GPU memory use (%)"),
+        "power_w": first_number(card, "Current Socket Graphics Package Power (W)", "Average Graphics Package Power (W)"),
+        "temp_c": first_number(card, "Temperature (Sensor edge) (C)"),
+        "temp_hotspot_c": first_number(card, "Temperature (Sensor junction) (C)"),
+        "temp_mem_c": first_number(card, "Temperature (Sensor memory) (C)"),
         "sm_clock_mhz": _clock(card.get("sclk clock speed:")),
         "mem_clock_mhz": _clock(card.get("mclk clock speed:")),
     }
-    used, total = _first(card, "VRAM Total Used Memory (B)"), _first(card, "VRAM Total Memory (B)")
+    used, total = first_number(card, "VRAM Total Used Memory (B)"), first_number(card, "VRAM Total Memory (B)")
     row["vram_used_mb"] = used / MB if used is not None else None
     row["vram_total_mb"] = total / MB if total is not None else None
-    energy_uj = _first(card, "Accumulated Energy (uJ)")
+    energy_uj = first_number(card, "Accumulated Energy (uJ)")
     row["energy_j"] = energy_uj / 1e6 if energy_uj is not None else None
     return {k: v for k, v in row.items() if v is not None}
 
@@ -100,6 +92,7 @@ def amd_smi_gpus(text: str) -> list[dict]:
 class _CliBackend:
     """Runs a tool, parses one GPU out of its JSON, and paces itself to the tool's own speed."""
 
+    name: str
     command: list[str]
     timeout_s = 5.0
 
@@ -109,16 +102,27 @@ class _CliBackend:
         self.run = run
         self.ready_at = 0.0
 
-    def _output(self) -> str | None:
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        path = shutil.which(cls.command[0])
+        return (True, path) if path else (False, f"{cls.command[0]} is not on PATH")
+
+    def parse(self, text: str) -> dict:
+        raise NotImplementedError
+
+    def sample(self) -> dict:
         now = time.monotonic()
         if now < self.ready_at:
-            return None  # the tool is slower than the sampling interval: skip this tick
+            return {}  # the tool is slower than the sampling interval: skip this tick
         proc = self.run(self.command, capture_output=True, text=True, timeout=self.timeout_s, check=False)
         took = time.monotonic() - now
         self.ready_at = now + 2 * took  # at most half of the time spent inside the tool
         if proc.returncode != 0:
             raise RuntimeError(f"{self.command[0]} exited with {proc.returncode}: {proc.stderr.strip()[:200]}")
-        return proc.stdout
+        return self.parse(proc.stdout)
+
+    def metrics(self) -> tuple[list[str], dict[str, str]]:
+        return sorted(self.sample()), {}
 
     def close(self) -> None:
         pass
@@ -128,31 +132,13 @@ class RocmSmiBackend(_CliBackend):
     name = "rocm-smi"
     command = ["rocm-smi", *ROCM_SMI_ARGS]
 
-    @staticmethod
-    def available() -> tuple[bool, str]:
-        path = shutil.which("rocm-smi")
-        return (True, path) if path else (False, "rocm-smi is not on PATH")
-
-    def sample(self) -> dict:
-        out = self._output()
-        return parse_rocm_smi_card(rocm_smi_cards(out)[self.index]) if out is not None else {}
-
-    def metrics(self) -> tuple[list[str], dict[str, str]]:
-        return sorted(self.sample()), {}
+    def parse(self, text: str) -> dict:
+        return parse_rocm_smi_card(rocm_smi_cards(text)[self.index])
 
 
 class AmdSmiCliBackend(_CliBackend):
     name = "amd-smi"
     command = ["amd-smi", "metric", "--json"]
 
-    @staticmethod
-    def available() -> tuple[bool, str]:
-        path = shutil.which("amd-smi")
-        return (True, path) if path else (False, "amd-smi is not on PATH")
-
-    def sample(self) -> dict:
-        out = self._output()
-        return parse_amd_smi_gpu(amd_smi_gpus(out)[self.index]) if out is not None else {}
-
-    def metrics(self) -> tuple[list[str], dict[str, str]]:
-        return sorted(self.sample()), {}
+    def parse(self, text: str) -> dict:
+        return parse_amd_smi_gpu(amd_smi_gpus(text)[self.index])
