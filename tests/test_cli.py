@@ -228,3 +228,20 @@ def test_compile_failure_falls_back_to_eager(run_cli, tmp_path, monkeypatch):
     assert any(l.startswith("--compile: torch.compile failed (RuntimeError: no C++ compiler found); running eager")
                for l in lines)
     assert lines[-1].startswith("FINAL")
+
+
+def test_fast_training_leaves_the_whitening_filters_as_initialised(run_cli, tmp_path):
+    from nnperf import config as configs
+    from nnperf import models as registry
+    from nnperf.train.build import load_splits
+    from nnperf.train.loop import _init_from_data
+
+    code, _, err = run_cli("train", *FAST_RECIPE, "--epochs", "4", "--optimizer", "muon", "--name", "w")
+    assert code == 0, err
+    state = torch.load(tmp_path / "runs/w/checkpoints/last.pt", weights_only=True)
+    # The whitening is data-dependent: compare with a fresh initialisation on the same images.
+    fresh = registry.build("fast", 3, 10, 16, width=8)
+    splits = load_splits(configs.build({}, {"dataset": "synthetic", "synthetic_size": 192, "image_size": 16}))
+    _init_from_data(fresh, splits.train, state["data"], torch.device("cpu"))
+    torch.testing.assert_close(state["model"]["whiten.weight"], fresh.whiten.weight)
+    assert not torch.equal(state["model"]["whiten.bias"], fresh.whiten.bias)  # the bias did learn

@@ -103,3 +103,12 @@ def test_fast_model_matches_the_published_size_and_has_frozen_norm_scales():
     # Dirac initialisation: the first conv of a group passes its input channels through.
     conv = model.layers[1].conv1
     assert conv.weight[3, 3, 1, 1] == 1 and conv.weight[3, 3].sum() == 1
+
+
+def test_fast_model_keeps_its_whitening_filters_and_freezes_their_bias_later():
+    model = models.build("fast", 3, 10, 16, width=8)
+    assert not model.whiten.weight.requires_grad and model.whiten.bias.requires_grad
+    model.on_epoch_start(2)
+    assert model.whiten.bias.requires_grad
+    model.on_epoch_start(3)
+    assert not model.whiten.bias.requires_grad

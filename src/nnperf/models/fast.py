@@ -1,9 +1,9 @@
 """`fast`: a speed-record-class CIFAR network, written from the published descriptions of the
 airbench family (Keller Jordan, "94% on CIFAR-10 in 3.29 seconds on a single GPU", 2024).
 
-- The first layer is a 2x2 convolution whose filters are initialised to whiten the training set's
-  2x2 patches (eigenvectors of their covariance, scaled by 1/sqrt(eigenvalue), and their
-  negatives), so the network starts from decorrelated inputs.
+- The first layer is a 2x2 convolution whose filters are set to whiten the training set's 2x2
+  patches (eigenvectors of their covariance, scaled by 1/sqrt(eigenvalue), and their negatives)
+  and then frozen; only its bias learns, during the first 3 epochs.
 - Three conv groups (conv, max-pool, BN, GELU, conv, BN, GELU), with BatchNorm that learns only
   its bias and keeps fast-moving running statistics, and identity (Dirac) initialised filters.
 - A max-pool to 1x1, a bias-free linear layer and a fixed 1/9 output scale.
@@ -52,10 +52,13 @@ class ConvGroup(nn.Module):
 
 class FastNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, int, int] = WIDTHS,
-                 whiten_kernel: int = 2):
+                 whiten_kernel: int = 2, whiten_bias_epochs: int = 3):
         super().__init__()
         whiten_width = 2 * in_channels * whiten_kernel ** 2
         self.whiten = nn.Conv2d(in_channels, whiten_width, kernel_size=whiten_kernel, padding=0, bias=True)
+        # The whitening filters stay as the data made them; only their bias learns, for the first epochs.
+        self.whiten.weight.requires_grad_(False)
+        self.whiten_bias_epochs = whiten_bias_epochs
         self.act = nn.GELU()
         self.layers = nn.Sequential(ConvGroup(whiten_width, widths[0]), ConvGroup(widths[0], widths[1]),
                                     ConvGroup(widths[1], widths[2]))
@@ -66,6 +69,10 @@ class FastNet(nn.Module):
         x = self.layers(self.act(self.whiten(x)))
         x = F.adaptive_max_pool2d(x, 1).flatten(1)
         return self.head(x) * self.scale
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Freeze the whitening bias after its first epochs (0-based `epoch`)."""
+        self.whiten.bias.requires_grad_(epoch < self.whiten_bias_epochs)
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:

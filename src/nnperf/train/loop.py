@@ -163,6 +163,8 @@ def _train_epoch(run: Run, stop: StopRequest, bar) -> None:
     """Train from the current position to the end of the epoch (or --max-steps, or a signal)."""
     cfg, p, s = run.cfg, run.pos, run.pos.sums
     run.model.train()
+    if hasattr(run.model, "on_epoch_start"):  # models with an epoch-dependent part (fast: whitening bias)
+        run.model.on_epoch_start(p.epoch)
     devices.sync(run.dev)
     started = time.perf_counter()
     waited = 0.0
