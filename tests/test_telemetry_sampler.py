@@ -121,13 +121,13 @@ def test_garbage_values_are_dropped(tmp_path):
 
 
 def test_set_phase_never_blocks_even_while_a_backend_is_stuck(tmp_path):
-    s = Sampler([FakeBackend(hang=1)], tmp_path, interval_s=0.05, timeout_s=5, warn=lambda m: None).start()
-    time.sleep(0.1)
+    s = Sampler([FakeBackend(hang=1)], tmp_path, interval_s=0.05, timeout_s=1, warn=lambda m: None).start()
+    time.sleep(0.1)  # the sampler thread is now waiting on the stuck backend
     start = time.perf_counter()
     for i in range(10_000):
         s.set_phase("train", 1, i)
     assert time.perf_counter() - start < 0.5
-    s._stop.set()
+    s.stop()
 
 
 def test_torn_last_line_is_skipped(tmp_path):

@@ -34,7 +34,7 @@ def test_train_records_telemetry_per_phase(run_cli, tmp_path):
     # This machine has no readable energy counter or power sensor: no energy anywhere, not a 0.
     metrics = _rows(tmp_path / "runs/t/metrics.jsonl")
     assert not any("energy_j" in r for r in metrics) and env["telemetry"]["energy_method"] == {}
-    assert not [t for t in threading.enumerate() if t.name.startswith("nnperf-")]
+    assert not [t for t in threading.enumerate() if t.name == "nnperf-sampler"]
 
 
 def test_energy_per_epoch_reaches_metrics(run_cli, tmp_path, monkeypatch):

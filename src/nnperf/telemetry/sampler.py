@@ -64,7 +64,9 @@ class _Worker:
         self.cpu_s = 0.0
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
         self.results: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name=f"nnperf-{backend.name}", daemon=True).start()
+        self.may_hang = getattr(backend, "may_hang", True)
+        if self.may_hang:
+            threading.Thread(target=self._serve, name=f"nnperf-{backend.name}", daemon=True).start()
 
     def _serve(self) -> None:
         while self.requests.get():
@@ -78,6 +80,8 @@ class _Worker:
 
     def ask(self, timeout_s: float) -> dict:
         """The backend's sample; raises its exception, or queue.Empty after `timeout_s`."""
+        if not self.may_hang:  # in-process reads: called directly (the sampler thread's CPU time covers it)
+            return self.backend.sample()
         self.requests.put(True)
         ok, value = self.results.get(timeout=timeout_s)
         if not ok:

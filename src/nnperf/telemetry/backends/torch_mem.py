@@ -9,6 +9,7 @@ MB = 1024 * 1024
 
 class TorchMemBackend:
     name = "torch"
+    may_hang = False  # reads process counters: it cannot block, so the sampler calls it directly
 
     def __init__(self, device: torch.device):
         self.dev = device
