@@ -187,7 +187,7 @@ def test_model_help_lists_the_registry(run_cli):
 def test_clear_perf_removes_old_telemetry_on_resume(run_cli, tmp_path):
     assert run_cli("train", *TINY, "--epochs", "1", "--name", "r")[0] == 0
     old = tmp_path / "runs" / "r" / "telemetry" / "train_epoch.jsonl"
-    old.parent.mkdir()
+    old.parent.mkdir(exist_ok=True)
     old.write_text("{}\n")
     code, _, err = run_cli("train", "--resume", "runs/r/checkpoints/last.pt", "--epochs", "2", "--clear-perf")
     assert code == 0, err
