@@ -4,6 +4,7 @@ from torch import nn
 
 from nnperf import models
 from nnperf.models.handconv import HandmadeConv2d
+from nnperf.models.layers import GlobalAvgPool
 
 
 @pytest.mark.parametrize("name", models.names())
@@ -112,3 +113,20 @@ def test_fast_model_keeps_its_whitening_filters_and_freezes_their_bias_later():
     assert model.whiten.bias.requires_grad
     model.on_epoch_start(3)
     assert not model.whiten.bias.requires_grad
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_global_avg_pool_matches_adaptive_pool_and_keeps_the_gradient_layout(memory_format):
+    x = torch.randn(4, 6, 5, 5).contiguous(memory_format=memory_format).requires_grad_(True)
+    out = GlobalAvgPool()(torch.relu(x))
+    torch.testing.assert_close(out, torch.nn.functional.adaptive_avg_pool2d(torch.relu(x), 1).flatten(1))
+    grads = []
+    relu_out = torch.relu(x)
+    relu_out.register_hook(lambda g: grads.append(g))
+    GlobalAvgPool()(relu_out).sum().backward()
+    assert grads[0].is_contiguous(memory_format=memory_format)
+
+
+def test_small_and_resnet_models_pool_with_the_layout_keeping_pool():
+    for name in ("small_cifar", "resnet18"):
+        assert any(isinstance(m, GlobalAvgPool) for m in models.build(name, 3, 10, 32).modules())

@@ -82,9 +82,10 @@ def crop_flip(images: torch.Tensor, d: Draws, pad: int, mode: str = "zero", cuto
     # Flipping is reading the crop's columns right to left.
     cols = torch.where(flips[:, None], cols.flip(1), cols)
     col_in = torch.where(flips[:, None], col_in.flip(1), col_in)
-    batch = torch.arange(n, device=dev)[:, None, None, None]
-    chan = torch.arange(c, device=dev)[None, :, None, None]
-    out = images[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+    # One gather along the flattened pixels, the same source pixel for every channel (an expanded,
+    # not materialised, index): ~4x faster on the CPU than indexing with four broadcast tensors.
+    source = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    out = images.reshape(n, c, h * w).gather(2, source).view(n, c, h, w)
     keep = row_in[:, :, None] & col_in[:, None, :]
     if cutout > 0:
         cy, cx = d.cy.to(dev), d.cx.to(dev)

@@ -68,8 +68,9 @@ class Batches:
             if a.flip == "alternate":
                 d.flip = self.flip_base[index.cpu()] ^ bool(epoch % 2)
             images = crop_flip(images, d, pad, a.pad_mode, a.cutout)
-        x = (images.float() - self.mean) * self.inv_std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        if self.channels_last:  # reorder the uint8 pixels: a quarter of the bytes of the float batch
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images.float().sub_(self.mean).mul_(self.inv_std)
 
     def _index(self, order: torch.Tensor, step: int) -> torch.Tensor:
         return order[step * self.batch_size:(step + 1) * self.batch_size]

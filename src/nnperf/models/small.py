@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .handconv import HandmadeConv2d
+from .layers import GlobalAvgPool
 
 
 def conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -22,7 +23,7 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(
             conv_bn(in_channels, w), conv_bn(w, w), nn.MaxPool2d(2),
             conv_bn(w, 2 * w), conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
-            conv_bn(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            conv_bn(2 * w, 4 * w), GlobalAvgPool(),
         )
         self.head = nn.Linear(4 * w, num_classes)
 
