@@ -26,6 +26,7 @@ fashion-mnist:
 
 demo: $(STAMP) fashion-mnist
 	$(BIN)/nnperf train --config configs/demo.yaml
+	$(BIN)/nnperf plot runs/demo
 	@echo "run directory: runs/demo   (re-evaluate: $(BIN)/nnperf test runs/demo)"
 
 test: $(STAMP)

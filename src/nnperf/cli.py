@@ -48,6 +48,10 @@ def _parser() -> Parser:
     pred.add_argument("--json", action="store_true", help="print JSON instead of text")
     pred.add_argument("--device", default="cpu", help="device to run on (default cpu)")
     sub.add_parser("devices", help="accelerators, and the telemetry each can record")
+    plot = sub.add_parser("plot", help="telemetry and training curves -> PNG + CSV per metric, summary table")
+    plot.add_argument("paths", metavar="RUN_DIR|FILE.jsonl", nargs="+")
+    plot.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/plots for one run, else plots)")
+    plot.add_argument("--metrics", metavar="A,B", help="only these telemetry metrics (default: every one present)")
     return root
 
 
@@ -103,7 +107,27 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "devices": cmd_devices}
+def _default_out(paths: list[str]) -> str:
+    from pathlib import Path
+
+    one = Path(paths[0])
+    return str(one / "plots") if len(paths) == 1 and one.is_dir() else "plots"
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from .analysis import plot_runs
+
+    only = [m.strip() for m in ns.metrics.split(",") if m.strip()] if ns.metrics else None
+    result = plot_runs(ns.paths, ns.out or _default_out(ns.paths), only)
+    if result.skipped:
+        print(f"skipped (no file has them): {', '.join(result.skipped)}")
+    print(result.table)
+    folder = result.written[0].parent if result.written else ns.out
+    print(f"\nwrote {len(result.written)} files to {folder}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "plot": cmd_plot, "test": cmd_test, "predict": cmd_predict, "devices": cmd_devices}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,182 @@
+"""Read run directories and JSONL logs into pandas tables, for the analysis commands.
+
+Accepts what DESIGN.md's run directory holds (`metrics.jsonl`, `telemetry/*.jsonl`) and the older
+profiler's loose `train_epoch.jsonl` / `val_epoch.jsonl` files, which may name the time `timestamp`
+and leave the phase to the file name. pandas and Arrow's JSON reader (the fast path for million-row logs); no training code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.json as pa_json
+
+from ..errors import UsageError
+
+# Columns that say where a row belongs rather than what was measured.
+BOOKKEEPING = {"t", "run", "phase", "epoch", "step", "device", "backend", "elapsed_s", "source"}
+TIME_KEYS = ("t", "timestamp", "time", "ts")
+PHASE_FILES = {"train_epoch": "train", "val_epoch": "val", "test_epoch": "test"}
+
+
+@dataclass
+class Source:
+    """One run: its label, its telemetry files and its metrics file (either may be absent)."""
+
+    label: str
+    telemetry: list[Path] = field(default_factory=list)
+    metrics: Path | None = None
+    run_dir: Path | None = None
+
+
+def sources(paths: list[str]) -> list[Source]:
+    """Run directories, folders of JSONL logs, or single JSONL files -> one Source per run."""
+    found: list[Source] = []
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise UsageError(f"{given}: no such file or directory (give a run directory or a .jsonl file)")
+        if path.is_dir():
+            found.append(_from_dir(path))
+        elif path.suffix == ".jsonl":
+            label = _label_for_file(path)
+            found.append(Source(label, metrics=path) if path.name == "metrics.jsonl" else Source(label, [path]))
+        else:
+            raise UsageError(f"{given}: not a .jsonl file or a run directory")
+    return _merge_same_label(found)
+
+
+def _from_dir(path: Path) -> Source:
+    telemetry = sorted((path / "telemetry").glob("*.jsonl")) or sorted(
+        p for p in path.glob("*.jsonl") if p.name != "metrics.jsonl")
+    metrics = path / "metrics.jsonl"
+    src = Source(path.resolve().name, telemetry, metrics if metrics.exists() else None, path)
+    if not src.telemetry and src.metrics is None:
+        raise UsageError(f"{path}: no metrics.jsonl or telemetry/*.jsonl in this folder (is it a run directory?)")
+    return src
+
+
+def _label_for_file(path: Path) -> str:
+    folder = path.resolve().parent
+    return folder.parent.name if folder.name == "telemetry" else folder.name
+
+
+def _merge_same_label(found: list[Source]) -> list[Source]:
+    """Files given one by one from the same run become one Source; distinct runs that share a
+    folder name get the parent folder added to their label."""
+    merged: dict[tuple, Source] = {}
+    for src in found:
+        if src.run_dir is None:
+            folder = (src.telemetry or [src.metrics])[0].resolve().parent
+            key = (src.label, folder.parent if folder.name == "telemetry" else folder)
+        else:
+            key = (src.label, src.run_dir.resolve())
+        if key in merged:
+            merged[key].telemetry += src.telemetry
+            merged[key].metrics = merged[key].metrics or src.metrics
+        else:
+            merged[key] = src
+    labels = [k[0] for k in merged]
+    for (label, folder), src in merged.items():
+        if labels.count(label) > 1:
+            src.label = f"{Path(folder).parent.name}/{label}"
+    return list(merged.values())
+
+
+def read_jsonl_frame(path: Path) -> pd.DataFrame:
+    """A JSONL file as a table. A torn last line (a crash mid-write leaves one) is dropped; a file
+    that Arrow's fast reader refuses (a bad line inside, a key whose type changes) is read line by
+    line, skipping the lines that do not parse."""
+    raw = path.read_bytes()
+    complete = raw[: raw.rfind(b"\n") + 1]  # up to the last full line
+    if not complete.strip():
+        return pd.DataFrame()
+    try:
+        return pa_json.read_json(io.BytesIO(complete)).to_pandas()
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    rows = []
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return pd.DataFrame.from_records(rows)
+
+
+def _seconds(column: pd.Series) -> pd.Series:
+    """Unix seconds from numbers or from ISO timestamps."""
+    if pd.api.types.is_numeric_dtype(column):
+        return column.astype(float)
+    stamps = pd.to_datetime(column, errors="coerce", utc=True)
+    return (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+
+
+def _numbers_from_text(df: pd.DataFrame) -> None:
+    """Older logs wrote "N/A" or numbers as strings; a column that is mostly numbers becomes numeric
+    with the rest absent (never 0)."""
+    for col in df.columns:
+        if col in BOOKKEEPING or pd.api.types.is_numeric_dtype(df[col]):
+            continue
+        numbers = pd.to_numeric(df[col], errors="coerce")
+        if numbers.notna().sum() * 2 > df[col].notna().sum():
+            df[col] = numbers
+
+
+def telemetry(srcs: list[Source]) -> pd.DataFrame:
+    """Every telemetry row of every run, with `run`, `phase`, `t` and `elapsed_s` (seconds since
+    the run's first row) filled in; rows without a time are dropped."""
+    frames = []
+    for src in srcs:
+        for path in src.telemetry:
+            df = read_jsonl_frame(path)
+            if df.empty:
+                continue
+            time_key = next((k for k in TIME_KEYS if k in df.columns), None)
+            if time_key is None:
+                raise UsageError(f"{path}: rows have no time field ({' or '.join(TIME_KEYS)})")
+            df["t"] = _seconds(df.pop(time_key))
+            hint = PHASE_FILES.get(path.stem, path.stem)
+            df["phase"] = df["phase"].fillna(hint) if "phase" in df.columns else hint
+            df["run"] = src.label
+            _numbers_from_text(df)
+            if "device" not in df.columns:
+                df["device"] = ""
+            frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=["t", "run", "phase", "device", "elapsed_s"])
+    df = pd.concat(frames, ignore_index=True).dropna(subset=["t"])
+    df = df.sort_values(["run", "t"], kind="stable", ignore_index=True)
+    df["elapsed_s"] = df["t"] - df.groupby("run")["t"].transform("min")
+    df["device"] = df["device"].fillna("").astype(str)
+    return df
+
+
+def metrics(srcs: list[Source]) -> pd.DataFrame:
+    """Every metrics.jsonl row (per epoch and phase) of every run, with `run` filled in."""
+    frames = []
+    for src in srcs:
+        if src.metrics is None:
+            continue
+        df = read_jsonl_frame(src.metrics)
+        if not df.empty:
+            df["run"] = src.label
+            frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=["run", "epoch", "phase"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def metric_columns(df: pd.DataFrame, order: tuple[str, ...] = ()) -> list[str]:
+    """Numeric measurement columns: the known ones in their usual order, then any others."""
+    numeric = [c for c in df.columns if c not in BOOKKEEPING and pd.api.types.is_numeric_dtype(df[c])
+               and df[c].notna().any()]
+    known = [c for c in order if c in numeric]
+    return known + sorted(c for c in numeric if c not in known)
