@@ -25,9 +25,8 @@ fashion-mnist:
 	|| { echo "Fashion-MNIST is missing: apt-get install dataset-fashion-mnist, or put its IDX files in data/"; exit 1; }
 
 demo: $(STAMP) fashion-mnist
-	$(BIN)/nnperf train --config configs/demo.yaml
-	$(BIN)/nnperf plot runs/demo
-	@echo "run directory: runs/demo   (re-evaluate: $(BIN)/nnperf test runs/demo)"
+	$(BIN)/nnperf train --config configs/demo.yaml --report
+	@echo "run directory: runs/demo (report.html, plots/); re-evaluate: $(BIN)/nnperf test runs/demo"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

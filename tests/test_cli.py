@@ -62,6 +62,9 @@ def test_test_command_equals_final_and_predict_names_classes(run_cli, tmp_path):
     assert test_out.strip() == f"TEST top1={top1}  top5={top5}  loss={loss}"
     code, train_out, _ = run_cli("test", "runs/r", "--split", "train", "--checkpoint", "runs/r/checkpoints/last.pt")
     assert code == 0 and train_out.startswith("TEST top1=")
+    kept = json.loads((tmp_path / "runs" / "r" / "test.json").read_text())
+    assert set(kept) == {"val", "train"} or set(kept) == {"test", "train"}
+    assert f"{next(v for k, v in kept.items() if k != 'train')['top1']:.3f}" == top1
 
     img = Image.new("RGB", (16, 16), (200, 30, 30))
     img.save(tmp_path / "a.png")

@@ -52,7 +52,105 @@ def _parser() -> Parser:
     plot.add_argument("paths", metavar="RUN_DIR|FILE.jsonl", nargs="+")
     plot.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/plots for one run, else plots)")
     plot.add_argument("--metrics", metavar="A,B", help="only these telemetry metrics (default: every one present)")
+    montage = sub.add_parser("montage", help="the PNGs of a folder stitched into one labelled grid")
+    montage.add_argument("folder", metavar="DIR")
+    montage.add_argument("--cols", type=int, default=3, help="images per row (default 3)")
+    montage.add_argument("--out", metavar="FILE.png", help="output image (default DIR/montage.png)")
+    montage.add_argument("--width", type=int, help="pixels per cell (default: the widest image)")
+    compare = sub.add_parser("compare", help="runs side by side: results, time, energy, config keys that differ")
+    compare.add_argument("paths", metavar="RUN_DIR", nargs="+")
+    compare.add_argument("--csv", metavar="FILE.csv", help="also write the table as CSV")
+    report = sub.add_parser("report", help="one self-contained HTML report for one or more runs")
+    report.add_argument("paths", metavar="RUN_DIR", nargs="+")
+    report.add_argument("--out", metavar="FILE.html", help="default: RUN_DIR/report.html for one run, else report.html")
+    roof = sub.add_parser("roofline", help="Nsight Compute CSV -> kernels on a roofline (PNG) + summary CSV")
+    roof.add_argument("csv", metavar="FILE.csv", help="an `ncu --csv` export (details or raw page)")
+    roof.add_argument("--peak-compute", type=float, required=True, metavar="TFLOPS", help="peak TFLOP/s")
+    roof.add_argument("--peak-bw", type=float, required=True, metavar="GBPS", help="peak DRAM bandwidth, GB/s")
+    roof.add_argument("--label", help="device or experiment name for the title")
+    roof.add_argument("--out", metavar="FILE.png", default="roofline.png", help="plot (default roofline.png)")
+    roof.add_argument("--summary", metavar="FILE.csv", help="per-kernel summary CSV (default: beside the plot)")
+    roof.add_argument("--tensor-flops-per-inst", type=float, default=4096, metavar="N",
+                      help="FLOPs per tensor-pipe warp instruction (default 4096: a 16x8x16 MMA)")
+    data = sub.add_parser("data", help="inspect a dataset")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    show = data_sub.add_parser("show", help="counts per class and a grid of sample images")
+    show.add_argument("--dataset", required=True, help="cifar10, cifar100, fashion-mnist, mnist, imagefolder, ...")
+    show.add_argument("--data", metavar="DIR", help="where the dataset's files are")
+    show.add_argument("--out", metavar="FILE.png", default="samples.png", help="grid image (default samples.png)")
+    show.add_argument("--per-class", type=int, default=8, help="samples per class (default 8)")
+    show.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
     return root
+
+
+def cmd_montage(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .analysis.montage import montage
+
+    out, n = montage(ns.folder, ns.out or Path(ns.folder) / "montage.png", ns.cols, ns.width)
+    print(f"wrote {out} ({n} images, {min(ns.cols, n)} per row)")
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from . import fileio
+    from .analysis import compare, logs
+
+    frame, differ = compare.side_by_side(logs.sources(ns.paths))
+    print(compare.format_table(frame))
+    if not differ:
+        print("\n(the configs are identical)")
+    if ns.csv:
+        fileio.write_with(ns.csv, lambda tmp: frame.to_csv(tmp, index_label="field"))
+        print(f"wrote {ns.csv}")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .analysis.report import write_report
+
+    one = Path(ns.paths[0])
+    out = ns.out or (str(one / "report.html") if len(ns.paths) == 1 and one.is_dir() else "report.html")
+    print(f"wrote {write_report(ns.paths, out)}")
+    return 0
+
+
+def cmd_roofline(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import fileio
+    from .analysis import roofline
+
+    for flag, value in (("--peak-compute", ns.peak_compute), ("--peak-bw", ns.peak_bw)):
+        if not value > 0:
+            raise UsageError(f"{flag}: must be a positive number, got {value}")
+    kernels = roofline.kernels(ns.csv, ns.tensor_flops_per_inst)
+    peak_flops, peak_bw = ns.peak_compute * 1e12, ns.peak_bw * 1e9
+    table = roofline.summary(kernels, peak_flops, peak_bw)
+    summary_path = ns.summary or str(Path(ns.out).with_suffix(".csv"))
+    fileio.write_with(summary_path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
+    roofline.plot(kernels, peak_flops, peak_bw, ns.out, ns.label)
+    shown = table.assign(kernel=table["kernel"].map(roofline.short_name))
+    print(shown[["id", "kernel", "intensity_flop_per_byte", "achieved_tflops", "share_of_ceiling", "bound"]]
+          .to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"wrote {ns.out} and {summary_path}")
+    return 0
+
+
+def cmd_data(ns: argparse.Namespace) -> int:
+    from . import data
+    from .data import show
+
+    if ns.per_class < 1:
+        raise UsageError(f"--per-class: must be 1 or more, got {ns.per_class}")
+    cfg = configs.build({}, {"dataset": ns.dataset, "data": ns.data})
+    ds = data.load(cfg)
+    print(show.counts(ds))
+    print(f"wrote {show.grid(ds, ns.out, ns.per_class, ns.seed)}")
+    return 0
 
 
 def cmd_devices(ns: argparse.Namespace) -> int:
@@ -63,6 +161,8 @@ def cmd_devices(ns: argparse.Namespace) -> int:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from . import data, models
     from .train import checkpoint, fit
 
@@ -80,14 +180,31 @@ def cmd_train(ns: argparse.Namespace) -> int:
         cfg = checkpoint.resume_config(state, preset, given, resume)
     else:
         state, cfg = None, configs.build(preset, given)
-    fit(cfg, state)
+    result = fit(cfg, state)
+    if cfg.report:
+        from .analysis.report import write_report
+
+        print(f"report: {write_report([result['run_dir']], Path(result['run_dir']) / 'report.html', keep_plots=True)}")
     return 0
 
 
 def cmd_test(ns: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from . import fileio
     from .train import test, test_line
 
-    print(test_line(test(ns.run_dir, ns.checkpoint, ns.split, ns.device)))
+    result = test(ns.run_dir, ns.checkpoint, ns.split, ns.device)
+    print(test_line(result))
+    # Kept beside the run for `nnperf report` and `compare`: the last evaluation of each split.
+    path = Path(ns.run_dir) / "test.json"
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    kept[result["split"]] = {**result, "checkpoint": str(result["checkpoint"]), "t": time.time()}
+    fileio.write_json(path, kept)
     return 0
 
 
@@ -127,7 +244,8 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "plot": cmd_plot, "test": cmd_test, "predict": cmd_predict, "devices": cmd_devices}
+COMMANDS = {"train": cmd_train, "plot": cmd_plot, "montage": cmd_montage, "compare": cmd_compare, "data": cmd_data,
+            "roofline": cmd_roofline, "report": cmd_report, "test": cmd_test, "predict": cmd_predict, "devices": cmd_devices}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,6 +107,8 @@ class TrainConfig:
     name: str | None = setting(None, "run directory name (default: dataset-model-time)")
     overwrite: bool = setting(False, "replace an existing run directory of the same name", kind=bool)
     clear_perf: bool = setting(False, "remove the run's old telemetry first", kind=bool)
+    report: bool = setting(False, "write RUN/report.html and RUN/plots/ when training ends (nnperf report)",
+                           kind=bool)
     max_steps: int = setting(0, "stop after this many optimizer steps in all (0: no limit; for smoke runs)",
                              kind=int)
     log_every: int = setting(0, "also write a metrics row every N training steps (0: per epoch only)", kind=int)

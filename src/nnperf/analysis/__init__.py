@@ -26,8 +26,8 @@ def plot_runs(paths: list[str], out: str | Path, only: list[str] | None = None) 
     srcs = logs.sources(paths)
     tele, mets = logs.telemetry(srcs), logs.metrics(srcs)
     present = logs.metric_columns(tele, plots.ORDER)
-    wanted = only or present
-    result = PlotResult(skipped=[m for m in (only or plots.ORDER) if m not in present])
+    wanted = present if only is None else only
+    result = PlotResult(skipped=[m for m in (plots.ORDER if only is None else only) if m not in present])
     out = Path(out)
     for metric in (m for m in wanted if m in present):
         plots.plot_metric(tele, metric, out / f"{metric}.png")

@@ -120,7 +120,7 @@ def plot_curve(metrics: pd.DataFrame, key: str, path: Path) -> None:
 def _save(fig, path: Path) -> None:
     # Fixed margins that fit the longest labels: tight_layout would draw every figure twice.
     width = fig.get_figwidth()
-    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, top=0.9, bottom=0.14)
+    fig.subplots_adjust(left=0.95 / width, right=1 - 0.15 / width, top=0.9, bottom=0.14)
     fileio.write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 

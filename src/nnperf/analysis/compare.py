@@ -1,0 +1,48 @@
+"""Runs side by side: one column per run, the facts and results, then the config keys that differ."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from . import logs, plots, runinfo, summary
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def side_by_side(srcs: list[logs.Source]) -> tuple[pd.DataFrame, list[str]]:
+    """(table with a row per fact and a column per run, the config keys that differ)."""
+    tele, mets = logs.telemetry(srcs), logs.metrics(srcs)
+    names = logs.metric_columns(tele, plots.ORDER)
+    table = summary.summarise(tele, mets, names).set_index("run") if len(tele) or len(mets) else pd.DataFrame()
+    configs = [runinfo.config(s) for s in srcs]
+    differ = runinfo.differing_keys(configs)
+    columns = {}
+    for src, cfg in zip(srcs, configs):
+        env = runinfo.env(src)
+        best = runinfo.final(mets[mets["run"] == src.label]) if len(mets) else {}
+        test = runinfo.test_result(src)
+        row = table.loc[src.label] if src.label in table.index else pd.Series(dtype=object)
+        col = {f"config: {k}": cfg.get(k) for k in runinfo.HEADLINE if k in cfg}
+        col.update({"device": env.get("device_name") or env.get("device"), "precision": env.get("precision"),
+                    "final top-1": best.get("top1"), "final top-5": best.get("top5"),
+                    "best epoch": best.get("epoch"), "test top-1": test.get("top1"),
+                    "time (s)": row.get("duration_s"), "images/s": row.get("images_per_s"),
+                    "energy (J)": row.get("energy_j"), "energy/epoch (J)": row.get("energy_per_epoch_j")})
+        for m in ("gpu_util_pct", "power_w", "cpu_util_pct"):
+            if f"{m}_mean" in row:
+                col[f"mean {m}"] = row[f"{m}_mean"]
+        col.update({f"differs: {k}": cfg.get(k) for k in differ if k not in runinfo.HEADLINE})
+        columns[src.label] = col
+    frame = pd.DataFrame(columns)
+    frame = frame.loc[[i for i in frame.index if frame.loc[i].notna().any()]]
+    return frame, differ
+
+
+def format_table(frame: pd.DataFrame) -> str:
+    return frame.apply(lambda col: col.map(_fmt)).to_string()

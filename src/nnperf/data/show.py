@@ -1,0 +1,62 @@
+"""`nnperf data`: counts per class and a grid of sample images with their class names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .. import fileio
+from .sources import Dataset, Split
+
+CELL = 96  # pixels per sample, enlarged with nearest-neighbour so the pixels stay visible
+CAPTION = 22
+
+
+def counts(ds: Dataset) -> str:
+    """A table of images per class in each split, with the total."""
+    splits = {"train": ds.train, **({"test": ds.test} if ds.test is not None else {})}
+    per = {name: torch.bincount(s.labels, minlength=len(ds.classes)).tolist() for name, s in splits.items()}
+    width = max(12, *(len(c) for c in ds.classes))
+    lines = [f"{'class':{width}s} " + " ".join(f"{n:>8s}" for n in per)]
+    for i, cls in enumerate(ds.classes):
+        lines.append(f"{cls:{width}s} " + " ".join(f"{per[n][i]:8d}" for n in per))
+    lines.append(f"{'total':{width}s} " + " ".join(f"{len(splits[n]):8d}" for n in per))
+    return "\n".join(lines)
+
+
+def sample_index(split: Split, classes: int, per_class: int, seed: int) -> list[int]:
+    """`per_class` random images of each class (fewer where a class has fewer), class by class."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(classes):
+        members = torch.nonzero(split.labels == c).flatten()
+        chosen += members[torch.randperm(len(members), generator=gen)[:per_class]].tolist()
+    return chosen
+
+
+def _font():
+    try:
+        return ImageFont.load_default(size=13)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def grid(ds: Dataset, out: str | Path, per_class: int = 8, seed: int = 0) -> Path:
+    """A PNG with one row per class (at most 20 classes shown) and `per_class` samples in each."""
+    shown = min(len(ds.classes), 20)
+    index = sample_index(ds.train, shown, per_class, seed)
+    rows = [[i for i in index if int(ds.train.labels[i]) == c] for c in range(shown)]
+    canvas = Image.new("RGB", (per_class * CELL, shown * (CELL + CAPTION)), "white")
+    draw, font = ImageDraw.Draw(canvas), _font()
+    for r, members in enumerate(rows):
+        y = r * (CELL + CAPTION)
+        draw.text((4, y + 4), ds.classes[r], fill="black", font=font)
+        for col, i in enumerate(members):
+            pixels = ds.train.images[i].permute(1, 2, 0).numpy()
+            image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+            canvas.paste(image.convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST),
+                         (col * CELL, y + CAPTION))
+    fileio.write_with(out, lambda tmp: canvas.save(tmp, format="PNG"))
+    return Path(out)
