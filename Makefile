@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.nnperf-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install demo test test-all fashion-mnist clean
+.PHONY: install demo test test-all tensorboard fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# TensorBoard on every run trained with --tensorboard (events in runs/*/tb).
+tensorboard: $(STAMP)
+	$(BIN)/tensorboard --logdir runs --host 127.0.0.1 --port 6006
 
 clean:
 	rm -rf runs build src/*.egg-info .pytest_cache

@@ -4,7 +4,7 @@ Each run is the whole command, `nnperf train --config configs/cifar10-fast.yaml 
 preparation included (the first run decodes the JPEGs into the cache unless --cold is given, which
 gives every run an empty cache of its own). The held-out split is fixed (--split-seed 0).
 
-    python benchmarks/fast_recipe.py [--seeds 0,1,2] [--cold] [-- extra nnperf train flags]
+    python benchmarks/fast_recipe.py [--seeds 0,1,2] [--cold] [--keep DIR] [-- extra nnperf train flags]
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--cold", action="store_true", help="an empty dataset cache for every run")
+    ap.add_argument("--keep", metavar="DIR", help="keep the run directories in DIR (default: a temporary folder)")
     ap.add_argument("extra", nargs="*", help="more flags for nnperf train (after --)")
     args = ap.parse_args()
     accs, walls = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in map(int, args.seeds.split(",")):
             cache = str(Path(tmp) / f"cache{seed}") if args.cold else None
-            acc, wall, final = run(seed, args.extra, str(Path(tmp) / "runs"), cache)
+            acc, wall, final = run(seed, args.extra, args.keep or str(Path(tmp) / "runs"), cache)
             accs.append(acc)
             walls.append(wall)
             print(f"seed {seed}: {final} | wall {wall:.0f}s", flush=True)

@@ -41,6 +41,7 @@ def _parser() -> Parser:
     test.add_argument("--checkpoint", metavar="PATH", help="evaluate this checkpoint instead of best.pt")
     test.add_argument("--split", help="train, val or test (default: the split training evaluated on)")
     test.add_argument("--device", help="device to evaluate on (default: the run's)")
+    test.add_argument("--tta", type=int, choices=(0, 1, 2), help="test-time augmentation level (default: the run's)")
     pred = sub.add_parser("predict", help="classify image files with a checkpoint")
     pred.add_argument("checkpoint", metavar="CHECKPOINT")
     pred.add_argument("images", metavar="IMAGE", nargs="+")
@@ -72,6 +73,15 @@ def _parser() -> Parser:
     roof.add_argument("--summary", metavar="FILE.csv", help="per-kernel summary CSV (default: beside the plot)")
     roof.add_argument("--tensor-flops-per-inst", type=float, default=4096, metavar="N",
                       help="FLOPs per tensor-pipe warp instruction (default 4096: a 16x8x16 MMA)")
+    sweep = sub.add_parser("sweep", help="Optuna hyperparameter sweep over a YAML search space")
+    sweep.add_argument("spec", metavar="SPEC.yaml")
+    sweep.add_argument("--trials", type=int, help="run at most this many trials in this worker (default: until "
+                                                  "the study has none left)")
+    sweep.add_argument("--storage", metavar="URL", help="SQLAlchemy URL shared by all workers, e.g. "
+                                                        "postgresql://user@host/db (default: SQLite in the folder)")
+    sweep.add_argument("--study", metavar="NAME", help="study name (default: the spec's study, else its file name)")
+    sweep.add_argument("--out-dir", metavar="DIR", help="folder for the trials' runs (default sweeps/STUDY)")
+    sweep.add_argument("--show", action="store_true", help="only print the results table")
     data = sub.add_parser("data", help="inspect a dataset")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     show = data_sub.add_parser("show", help="counts per class and a grid of sample images")
@@ -140,6 +150,22 @@ def cmd_roofline(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    if ns.trials is not None and ns.trials < 1:
+        raise UsageError(f"--trials: must be 1 or more, got {ns.trials}")
+    try:
+        from .sweep import sweep
+    except ImportError as e:
+        raise UsageError(f"nnperf sweep needs Optuna: pip install optuna ({e})") from None
+    try:
+        print(sweep(ns.spec, ns.trials, ns.storage, ns.study, ns.out_dir, ns.show))
+    except Interrupted as e:
+        print(f"nnperf sweep: stopped by {signal.Signals(e.signum).name}; the trial's position is saved and "
+              "queued; run the same nnperf sweep command again to continue", file=sys.stderr)
+        return 128 + e.signum
+    return 0
+
+
 def cmd_data(ns: argparse.Namespace) -> int:
     from . import data
     from .data import show
@@ -195,7 +221,7 @@ def cmd_test(ns: argparse.Namespace) -> int:
     from . import fileio
     from .train import test, test_line
 
-    result = test(ns.run_dir, ns.checkpoint, ns.split, ns.device)
+    result = test(ns.run_dir, ns.checkpoint, ns.split, ns.device, ns.tta)
     print(test_line(result))
     # Kept beside the run for `nnperf report` and `compare`: the last evaluation of each split.
     path = Path(ns.run_dir) / "test.json"
@@ -245,7 +271,7 @@ def cmd_plot(ns: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "plot": cmd_plot, "montage": cmd_montage, "compare": cmd_compare, "data": cmd_data,
-            "roofline": cmd_roofline, "report": cmd_report, "test": cmd_test, "predict": cmd_predict, "devices": cmd_devices}
+            "roofline": cmd_roofline, "report": cmd_report, "sweep": cmd_sweep, "test": cmd_test, "predict": cmd_predict, "devices": cmd_devices}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,6 +107,9 @@ class TrainConfig:
     name: str | None = setting(None, "run directory name (default: dataset-model-time)")
     overwrite: bool = setting(False, "replace an existing run directory of the same name", kind=bool)
     clear_perf: bool = setting(False, "remove the run's old telemetry first", kind=bool)
+    tensorboard: bool = setting(False, "write TensorBoard events to RUN/tb/", kind=bool)
+    wandb: bool = setting(False, "log to Weights & Biases (offline without an API key)", kind=bool)
+    wandb_project: str = setting("nnperf", "W&B project for --wandb")
     report: bool = setting(False, "write RUN/report.html and RUN/plots/ when training ends (nnperf report)",
                            kind=bool)
     max_steps: int = setting(0, "stop after this many optimizer steps in all (0: no limit; for smoke runs)",

@@ -30,11 +30,12 @@ def _run_checkpoint(run_dir: str, path: str | None) -> tuple[str, str]:
 
 
 def test(run_dir: str, checkpoint_path: str | None = None, split: str | None = None,
-         device: str | None = None) -> dict:
+         device: str | None = None, tta: int | None = None) -> dict:
     """Evaluate a checkpoint (default: the run's best) on a split (default: the one training used)."""
     path, flag = _run_checkpoint(run_dir, checkpoint_path)
     state = checkpoint.load(path, flag)
-    cfg = configs.build(state["config"], {"resume": None, **({"device": device} if device else {})})
+    cfg = configs.build(state["config"], {"resume": None, **({"device": device} if device else {}),
+                                          **({"tta": tta} if tta is not None else {})})
     info = state["data"]
     split = split or info["eval_split"]
     if split not in SPLITS:

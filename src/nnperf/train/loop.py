@@ -24,6 +24,7 @@ from .build import Hardware, build_model, choose_hardware, eval_batches, load_sp
 from .optim import Lookahead, make_optimizer, make_schedule
 from .signals import StopRequest
 from .step import CompiledOrEager, TrainStep, evaluate, topk_correct
+from .tracking import Tracking, open_tracking
 
 # Images the data-dependent initialisation (the fast model's whitening layer) looks at.
 INIT_IMAGES = 5000
@@ -62,6 +63,8 @@ class Run:
     step: TrainStep
     lookahead: Lookahead | None
     sampler: telemetry.Sampler | None = None
+    tracking: Tracking | None = None
+    on_epoch: Callable[[dict, dict | None], None] | None = None  # (train row, val row) after each epoch
     rows: list = field(default_factory=list)
     pos: Position = field(default_factory=Position)
 
@@ -168,11 +171,15 @@ def _train_epoch(run: Run, stop: StopRequest, bar) -> None:
     devices.sync(run.dev)
     started = time.perf_counter()
     waited = 0.0
+    if run.tracking is not None:
+        run.tracking.start_epoch(p.global_step)
     ask = time.perf_counter()
     for x, y in run.train.epoch(p.epoch, p.step):
         waited += time.perf_counter() - ask
         _where(run, "train")
         loss, logits = run.step(x, y)
+        if run.tracking is not None:
+            run.tracking.losses.append(loss)
         run.scheduler.step()
         if run.lookahead is not None and (p.global_step + 1) % run.lookahead.every == 0:
             run.lookahead.update(run.model, (p.global_step + 1) / (len(run.train) * cfg.epochs))
@@ -216,13 +223,16 @@ def _end_epoch(run: Run, log: Callable[[str], None]) -> None:
         run.lookahead.finish(run.model)
     train_row = {**_train_row(run, "train"), **_energy(run, "train")}
     run.rows.append(train_row)
-    val = None
+    val, val_losses = None, []
     if last or (p.epoch + 1) % cfg.eval_every == 0:
         _where(run, "val")
-        val = evaluate(run.model, run.eval, run.dev, run.hw.precision, cfg.tta)
-        run.rows.append({"t": time.time(), "epoch": p.epoch + 1, "step": p.global_step, "phase": "val", **val,
-                         **_energy(run, "val")})
+        val = evaluate(run.model, run.eval, run.dev, run.hw.precision, cfg.tta,
+                       val_losses if run.tracking is not None else None)
+        val = {**val, **_energy(run, "val")}
+        run.rows.append({"t": time.time(), "epoch": p.epoch + 1, "step": p.global_step, "phase": "val", **val})
     write_jsonl(run.dir / "metrics.jsonl", run.rows)
+    if run.tracking is not None:
+        run.tracking.end_epoch(p.epoch + 1, p.global_step, cfg.batch_size, train_row, val, val_losses)
     p.epoch, p.step = p.epoch + 1, 0
     improved = val is not None and (p.best is None or val["top1"] > p.best["top1"])
     if improved:
@@ -235,6 +245,8 @@ def _end_epoch(run: Run, log: Callable[[str], None]) -> None:
     if cfg.save_every and p.epoch % cfg.save_every == 0:
         checkpoint.save(run.ckpt_dir / f"epoch{p.epoch:04d}.pt", state)
     log(epoch_line(train_row, val))
+    if run.on_epoch is not None:
+        run.on_epoch(train_row, val)  # may raise to stop the run (a pruned sweep trial)
 
 
 def _where(run: Run, phase: str) -> None:
@@ -305,12 +317,15 @@ def _progress_bar(run: Run):
                 unit="batch", dynamic_ncols=True)
 
 
-def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str], None] = print) -> dict:
-    """Train as `cfg` says (continuing from `state`, a loaded checkpoint, if given).
-    Returns the run directory and the best epoch's metrics."""
+def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str], None] = print,
+        on_epoch: Callable[[dict, dict | None], None] | None = None) -> dict:
+    """Train as `cfg` says (continuing from `state`, a loaded checkpoint, if given), calling
+    `on_epoch(train_row, val_row)` after each epoch. Returns the run directory and the best epoch's
+    metrics."""
     if cfg.name is None:
         cfg.name = rundir.default_name(cfg)
     run = _setup(cfg, state, log)
+    run.on_epoch = on_epoch
     run.pos.reset_sums(run.dev)
     if state:
         _restore(run, state)
@@ -319,6 +334,9 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
         f"{run.hw.describe()}")
     run.sampler = _start_telemetry(run, log)
     try:
+        run.tracking = open_tracking(cfg, run.dir, run.optimizer, log)
+        if run.tracking is not None:
+            run.step.grad_norms = run.tracking.grad_norms
         with StopRequest() as stop:
             while run.pos.epoch < cfg.epochs and not _steps_done(run):
                 bar = _progress_bar(run)
@@ -331,6 +349,8 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
     finally:
         if run.sampler is not None:
             run.sampler.stop()
+        if run.tracking is not None:
+            run.tracking.close()  # after the sampler: its last rows reach the sinks too
         _update_env(run, {"telemetry": _telemetry_info(run)})
     write_with(run.ckpt_dir / "final_weights.pt", lambda tmp: torch.save(run.model.state_dict(), tmp))
     log(final_line(run.pos.best))

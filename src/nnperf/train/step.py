@@ -44,6 +44,13 @@ class TrainStep:
         self.forward = forward or model
         self.dev, self.precision = dev, precision
         self.label_smoothing = label_smoothing
+        self.grad_norms: list | None = None  # a list: each step's total gradient norm is appended
+
+    def _record_grad_norm(self) -> None:
+        if self.grad_norms is not None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                self.grad_norms.append(torch.nn.utils.get_total_norm(grads).detach())
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with devices.autocast(self.dev, self.precision):
@@ -56,10 +63,14 @@ class TrainStep:
         loss, logits = self._loss(x, y)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            if self.grad_norms is not None:
+                self.scaler.unscale_(self.optimizer)  # the norm of the true gradients
+                self._record_grad_norm()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         elif isinstance(self.optimizer, SAM):
             loss.backward()
+            self._record_grad_norm()
 
             def closure():
                 with _FrozenBatchNormStats(self.model):
@@ -68,6 +79,7 @@ class TrainStep:
             self.optimizer.step(closure)
         else:
             loss.backward()
+            self._record_grad_norm()
             self.optimizer.step()
         return loss.detach(), logits.detach()
 
@@ -89,8 +101,10 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, dev: torch.device, precision: devices.Precision, tta: int = 0) -> dict:
-    """Mean cross-entropy, top-1 and top-5 accuracy over every batch, and the time it took."""
+def evaluate(model: nn.Module, batches, dev: torch.device, precision: devices.Precision, tta: int = 0,
+             batch_losses: list | None = None) -> dict:
+    """Mean cross-entropy, top-1 and top-5 accuracy over every batch, and the time it took; each
+    batch's mean loss is appended to `batch_losses` if given."""
     model.eval()
     devices.sync(dev)
     start = time.perf_counter()
@@ -101,7 +115,10 @@ def evaluate(model: nn.Module, batches, dev: torch.device, precision: devices.Pr
     for x, y in batches.epoch(0):
         with devices.autocast(dev, precision):
             logits = tta_logits(model, x, tta).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        batch_loss = F.cross_entropy(logits, y, reduction="sum").double()
+        loss_sum += batch_loss
+        if batch_losses is not None:
+            batch_losses.append(batch_loss / len(y))
         top1 += topk_correct(logits, y, 1)
         top5 += topk_correct(logits, y, 5)
         n += len(y)

@@ -1,0 +1,248 @@
+"""Running a sweep: an Optuna study in a database that any number of `nnperf sweep` workers share.
+
+Every trial of the study is created up front as a waiting trial (the grid points with their
+settings, the rest empty for the sampler to fill), so workers on one machine or many take trials
+from the database one at a time and the study ends with exactly `trials` trials: none lost, none
+run twice. A trial is a normal run directory under the sweep folder. Pruning uses the validation
+top-1 after each epoch. Ctrl-C saves the trial's position and queues it to resume; a worker that
+died (no heartbeat for a while) has its trial failed and queued again by the next worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+# Optuna 4.9 renamed the callback that re-queues a trial whose worker stopped beating.
+RetryStale = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+for _quiet in (optuna.exceptions.ExperimentalWarning, FutureWarning):
+    warnings.filterwarnings("ignore", category=_quiet, module=r"optuna\.|nnperf\.sweep")
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+from .. import config as configs
+from ..errors import Interrupted, UsageError
+from .spec import Param, Spec
+
+HEARTBEAT_S, GRACE_S = 30, 120
+SLOT = "slot"  # user attr of the trials created up front
+POINT = "grid_point"  # user attr: the trial's grid settings, as JSON
+
+
+def storage_for(url: str | None, folder: Path) -> RDBStorage:
+    """SQLite in the sweep folder by default; any SQLAlchemy URL (postgresql://...) otherwise."""
+    if url is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{(folder / 'study.db').resolve()}"
+    try:
+        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                          failed_trial_callback=RetryStale(max_retry=3),
+                          engine_kwargs={"pool_pre_ping": True})
+    except Exception as e:  # noqa: BLE001 - any driver error becomes one line
+        raise UsageError(f"--storage {_redacted(url)}: cannot open the database "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+
+
+def _redacted(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return url
+
+
+def _sampler(spec: Spec) -> optuna.samplers.BaseSampler:
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    return optuna.samplers.TPESampler(seed=spec.seed)
+
+
+def _pruner(spec: Spec) -> optuna.pruners.BasePruner:
+    p = spec.pruner
+    kind = p.get("type", "median")
+    startup, warmup = int(p.get("startup_trials", 5)), int(p.get("warmup_epochs", 1))
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    if kind == "percentile":
+        return optuna.pruners.PercentilePruner(float(p.get("percentile", 25.0)), n_startup_trials=startup,
+                                               n_warmup_steps=warmup)
+    return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
+
+
+def open_study(spec: Spec, storage: RDBStorage) -> optuna.Study:
+    """Create the study with all its waiting trials, or join it if it exists with the same spec."""
+    try:
+        study = optuna.create_study(study_name=spec.study, storage=storage, direction="maximize",
+                                    sampler=_sampler(spec), pruner=_pruner(spec))
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=spec.study, storage=storage, sampler=_sampler(spec),
+                                  pruner=_pruner(spec))
+        theirs = study.user_attrs.get("spec_fingerprint")
+        if theirs != spec.fingerprint:
+            raise UsageError(f"--study {spec.study}: a study of that name with a different search already "
+                             "exists in this storage; choose another --study, or run its own spec") from None
+        return study
+    study.set_user_attr("spec_fingerprint", spec.fingerprint)
+    study.set_user_attr("spec", json.dumps(spec.raw, default=str))
+    for i in range(spec.trials):
+        point = spec.grid[i] if i < len(spec.grid) else {}
+        study.enqueue_trial(point, user_attrs={SLOT: i, POINT: json.dumps(point)})
+    return study
+
+
+def _suggest(trial: optuna.Trial, spec: Spec) -> dict:
+    """The trial's settings: its grid point (fixed when it was queued; suggesting a fixed parameter
+    returns its value) and sampled `space` values."""
+    point = json.loads(trial.user_attrs.get(POINT, "{}"))
+    values = {}
+    for key in point:
+        choices = list(dict.fromkeys(p[key] for p in spec.grid if key in p))
+        values[key] = trial.suggest_categorical(key, choices)
+    for name, p in spec.space.items():
+        values[name] = _draw(trial, p)
+    return values
+
+
+def _draw(trial: optuna.Trial, p: Param):
+    if p.type == "categorical":
+        return trial.suggest_categorical(p.name, p.choices)
+    if p.type == "int":
+        return trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1))
+    return trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.type == "log-float")
+
+
+def _result_attrs(run_dir: Path) -> dict:
+    """Time, energy and throughput of a trial's run from its metrics.jsonl (what exists of it)."""
+    from ..fileio import read_jsonl
+
+    path = run_dir / "metrics.jsonl"
+    rows = read_jsonl(path) if path.exists() else []
+    train = [r for r in rows if r.get("phase") == "train"]
+    seconds = sum(r.get("seconds") or 0 for r in rows if r.get("phase") in ("train", "val"))
+    energy = [r["energy_j"] for r in rows if r.get("energy_j") is not None]
+    images = sum(r.get("images") or 0 for r in train)
+    train_s = sum(r.get("seconds") or 0 for r in train)
+    return {"seconds": round(seconds, 2), "energy_j": round(sum(energy), 1) if energy else None,
+            "images_per_s": round(images / train_s, 1) if train_s else None, "epochs": len(train),
+            "run_dir": str(run_dir)}
+
+
+@contextlib.contextmanager
+def heartbeat(storage: RDBStorage, trial: optuna.Trial):
+    """Record the trial's heartbeat while it runs: Optuna does this only inside Study.optimize, and
+    a sweep asks and tells. A worker that dies stops beating; the next worker fails and re-queues
+    its trial after the grace period."""
+    stop = threading.Event()
+    trial_id = trial._trial_id  # noqa: SLF001 - the storage keys heartbeats by this id
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a missed beat is retried; never stop the trial
+                storage.record_heartbeat(trial_id)
+            if stop.wait(HEARTBEAT_S):
+                return
+
+    thread = threading.Thread(target=beat, name="nnperf-sweep-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, spec: Spec, folder: Path,
+              log: Callable[[str], None]) -> None:
+    from ..train import checkpoint, fit
+
+    settings = {**spec.base, **_suggest(trial, spec)}
+    name = f"trial{trial.number:04d}"
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    resume = trial.user_attrs.get("resume_from")
+    frozen = study.get_trials(deepcopy=False)[trial.number]  # trials are listed by number
+    retried = RetryStale.retried_trial_number(frozen)
+    if resume is None and retried is not None:  # a worker died in it: continue its run if it saved one
+        last = folder / f"trial{retried:04d}" / "checkpoints" / "last.pt"
+        resume = str(last) if last.exists() else None
+    overrides = {"name": name, "out_dir": str(folder), "overwrite": True, "report": False}
+    if resume:
+        state = checkpoint.load(resume)
+        cfg = checkpoint.resume_config(state, settings, {"resume": resume, "out_dir": str(folder)}, resume)
+    else:
+        state, cfg = None, configs.build(settings, overrides)
+    shown = json.dumps(_suggest_shown(settings, spec))
+    log(f"trial {trial.number}: {shown}" + (f" (resuming {resume})" if resume else ""))
+
+    def report(train_row: dict, val: dict | None) -> None:
+        if val is not None:
+            trial.report(val["top1"], train_row["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {train_row['epoch']}: val top-1 {val['top1']:.4f}")
+
+    run_dir = Path(cfg.out_dir) / cfg.name
+    try:
+        result = fit(cfg, state, log=lambda line: None, on_epoch=report)
+    except optuna.TrialPruned as e:
+        _set_attrs(trial, _result_attrs(run_dir))
+        study.tell(trial, state=TrialState.PRUNED)
+        log(f"trial {trial.number}: pruned at {e}")
+        return
+    except Interrupted as e:
+        _set_attrs(trial, _result_attrs(run_dir))
+        study.tell(trial, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, "resume_from": e.checkpoint})
+        raise
+    except UsageError:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    attrs = _result_attrs(run_dir)
+    best = result["best"]
+    _set_attrs(trial, {**attrs, "best_epoch": best["epoch"] if best else None})
+    if best is None:  # never evaluated (--eval-every beyond --epochs cannot happen; --max-steps can)
+        study.tell(trial, state=TrialState.FAIL)
+        log(f"trial {trial.number}: no validation result")
+        return
+    study.tell(trial, best["top1"])
+    log(f"trial {trial.number}: top-1 {best['top1']:.4f} ({attrs['seconds']:.0f}s)")
+
+
+def _suggest_shown(settings: dict, spec: Spec) -> dict:
+    keys = {k for p in spec.grid for k in p} | set(spec.space)
+    return {k: settings[k] for k in settings if k in keys}
+
+
+def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+
+
+def work(spec: Spec, storage: RDBStorage, folder: Path, max_trials: int | None,
+         log: Callable[[str], None]) -> int:
+    """Take waiting trials until none is left (or `max_trials` were run here); returns how many ran."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(spec, storage)
+    ran = 0
+    while max_trials is None or ran < max_trials:
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            break
+        trial = study.ask()
+        if SLOT not in trial.user_attrs:
+            # Another worker took the last waiting trial between our check and our ask; Optuna
+            # then made a new one. Close it without running anything; it is not one of the sweep's.
+            trial.set_user_attr("extra", True)
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        with heartbeat(storage, trial):
+            run_trial(study, trial, spec, folder, log)
+        ran += 1
+    return ran

@@ -1,0 +1,100 @@
+"""Metric sinks beside metrics.jsonl: TensorBoard and Weights & Biases.
+
+The training loop hands each sink per-batch losses, per-epoch scalars and the telemetry rows
+written since the last call; a sink that fails is switched off with one warning, and training
+goes on (like a failing telemetry backend).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Protocol
+
+from ..errors import UsageError
+
+
+class Sink(Protocol):
+    name: str
+
+    def batch(self, tag: str, values: list[float], first_step: int) -> None: ...
+
+    def epoch(self, epoch: int, step: int, scalars: dict[str, float], texts: dict[str, str]) -> None: ...
+
+    def telemetry(self, rows: list[dict]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TelemetryTail:
+    """The telemetry rows appended to RUN/telemetry/*.jsonl since the last call (whole lines only)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.offsets = folder, {}
+
+    def new_rows(self) -> list[dict]:
+        rows = []
+        for path in sorted(self.folder.glob("*.jsonl")):
+            start = self.offsets.get(path, 0)
+            with open(path, "rb") as f:
+                f.seek(start)
+                data = f.read()
+            complete = data[: data.rfind(b"\n") + 1]
+            self.offsets[path] = start + len(complete)
+            for line in complete.splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+        return sorted(rows, key=lambda r: r.get("t", 0))
+
+
+class Sinks:
+    """Fan-out to the enabled sinks; the first error of a sink disables it with one warning."""
+
+    def __init__(self, sinks: list[Sink], run_dir: Path, warn: Callable[[str], None]):
+        self.sinks, self.warn = list(sinks), warn
+        self.tail = TelemetryTail(run_dir / "telemetry")
+
+    def _each(self, call: Callable[[Sink], None]) -> None:
+        for sink in list(self.sinks):
+            try:
+                call(sink)
+            except Exception as e:  # noqa: BLE001 - a tracking service must never stop training
+                self.sinks.remove(sink)
+                self.warn(f"{sink.name}: logging failed ({type(e).__name__}: {str(e)[:200]}); {sink.name} is off "
+                          "for the rest of this run")
+
+    def batch(self, tag: str, values: list[float], first_step: int) -> None:
+        self._each(lambda s: s.batch(tag, values, first_step))
+
+    def epoch(self, epoch: int, step: int, scalars: dict[str, float], texts: dict[str, str] | None = None) -> None:
+        rows = self.tail.new_rows()
+        self._each(lambda s: s.epoch(epoch, step, scalars, texts or {}))
+        if rows:
+            self._each(lambda s: s.telemetry(rows))
+
+    def close(self) -> None:
+        rows = self.tail.new_rows()
+        if rows:
+            self._each(lambda s: s.telemetry(rows))
+        self._each(lambda s: s.close())
+
+
+def open_sinks(cfg, run_dir: Path, config_dict: dict, warn: Callable[[str], None]) -> Sinks | None:
+    """The sinks `cfg` asks for (--tensorboard, --wandb), or None."""
+    sinks: list[Sink] = []
+    if cfg.tensorboard:
+        from .tensorboard import TensorBoardSink
+
+        sinks.append(TensorBoardSink(run_dir / "tb", config_dict))
+    if cfg.wandb:
+        from .wandb import WandbSink
+
+        sinks.append(WandbSink(cfg, run_dir, config_dict, warn))
+    return Sinks(sinks, run_dir, warn) if sinks else None
+
+
+def missing_package(flag: str, package: str, extra: str | None = None) -> UsageError:
+    how = f"pip install 'nnperf[{extra}]' (or pip install {package})" if extra else f"pip install {package}"
+    return UsageError(f"{flag}: the '{package}' package is not installed; {how}")
