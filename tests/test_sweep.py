@@ -180,3 +180,14 @@ def test_ctrl_c_saves_the_trial_and_the_next_sweep_resumes_it(run_cli, tmp_path,
     rows = [json.loads(line) for line in (tmp_path / "sweeps" / "t" / "trial0000" / "metrics.jsonl").read_text()
             .splitlines()]
     assert [r["epoch"] for r in rows if r["phase"] == "train"] == [1, 2]  # one run, continued
+
+
+def test_median_pruning_stops_a_trial_that_trails_after_an_epoch_but_never_after_the_last(run_cli, tmp_path):
+    spec = _spec(tmp_path, pruner={"type": "median", "startup_trials": 1, "warmup_epochs": 0},
+                 base={**BASE, "epochs": 3, "optimizer": "sgd", "synthetic_size": 512},
+                 grid=[{"lr": [0.05, 0.0001]}])  # the second trial barely moves
+    code, out, err = run_cli("sweep", spec)
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "sweeps" / "t" / "results.csv")
+    assert list(table["state"]) == ["complete", "pruned"]
+    assert table.loc[1, "epochs"] < 3 and "trial 1: pruned at epoch" in out

@@ -51,10 +51,16 @@ def show(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "no trials yet"
     counts = frame["state"].value_counts().to_dict()
-    shown = frame.drop(columns=["worker"], errors="ignore")
-    text = shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    text = _text(frame)
     best = best_per_optimizer(frame)
     if not best.empty:
-        text += "\n\nbest per optimizer:\n" + best.drop(columns=["worker"], errors="ignore").to_string(
-            index=False, float_format=lambda v: f"{v:.4g}")
+        text += "\n\nbest per optimizer:\n" + _text(best)
     return text + "\n\n" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def _text(frame: pd.DataFrame) -> str:
+    """The table for a terminal: no worker column, 4 significant digits, "-" where nothing was measured."""
+    shown = frame.drop(columns=["worker"], errors="ignore").astype(object)
+    shown = shown.map(lambda v: "-" if v is None or (isinstance(v, float) and pd.isna(v))
+                      else f"{v:.4g}" if isinstance(v, float) else v)
+    return shown.to_string(index=False)

@@ -28,6 +28,7 @@ RetryStale = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) 
 for _quiet in (optuna.exceptions.ExperimentalWarning, FutureWarning):
     warnings.filterwarnings("ignore", category=_quiet, module=r"optuna\.|nnperf\.sweep")
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # nnperf prints its own line per trial
 
 from .. import config as configs
 from ..errors import Interrupted, UsageError
@@ -186,7 +187,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: Spec, folder: Path
     def report(train_row: dict, val: dict | None) -> None:
         if val is not None:
             trial.report(val["top1"], train_row["epoch"])
-            if trial.should_prune():
+            # After the last epoch there is nothing left to save: the trial completes.
+            if train_row["epoch"] < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {train_row['epoch']}: val top-1 {val['top1']:.4f}")
 
     run_dir = Path(cfg.out_dir) / cfg.name
@@ -229,7 +231,6 @@ def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
 def work(spec: Spec, storage: RDBStorage, folder: Path, max_trials: int | None,
          log: Callable[[str], None]) -> int:
     """Take waiting trials until none is left (or `max_trials` were run here); returns how many ran."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(spec, storage)
     ran = 0
     while max_trials is None or ran < max_trials:
