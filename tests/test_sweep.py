@@ -191,3 +191,11 @@ def test_median_pruning_stops_a_trial_that_trails_after_an_epoch_but_never_after
     table = pd.read_csv(tmp_path / "sweeps" / "t" / "results.csv")
     assert list(table["state"]) == ["complete", "pruned"]
     assert table.loc[1, "epochs"] < 3 and "trial 1: pruned at epoch" in out
+
+
+def test_missing_or_malformed_spec_file_is_one_line(run_cli, tmp_path):
+    code, _, err = run_cli("sweep", "nope.yaml")
+    assert code == 2 and err.strip() == "nnperf sweep: error: SPEC nope.yaml: no such file"
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    code, _, err = run_cli("sweep", "list.yaml")
+    assert code == 2 and "SPEC list.yaml: expected a mapping" in err and len(err.strip().splitlines()) == 1

@@ -141,17 +141,23 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         raise UsageError(f"{where}: expected {kind.__name__}, got {value!r}") from None
 
 
-def load_yaml(path: str) -> dict:
-    """Read a YAML preset into {field: value}; unknown keys are an error naming the file and key."""
+def read_yaml_mapping(path: str | Path, label: str) -> dict:
+    """A YAML file whose top level is a mapping; each problem is one line starting with `label`."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
+        raise UsageError(f"{label}: no such file")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"{label}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise UsageError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
+        raise UsageError(f"{label}: expected a mapping of settings, got {type(raw).__name__}")
+    return raw
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML preset into {field: value}; unknown keys are an error naming the file and key."""
+    raw = read_yaml_mapping(path, f"--config {path}")
     by_name = {f.name: f for f in fields()}
     out = {}
     for key, value in raw.items():

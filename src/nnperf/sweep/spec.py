@@ -25,8 +25,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .. import config as configs
 from ..errors import UsageError
 
@@ -124,14 +122,7 @@ def grid_points(path: Path, grid) -> list[dict]:
 
 def load(path: str | Path, study: str | None = None) -> Spec:
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"SPEC {path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path}: must be a mapping of {', '.join(sorted(KEYS))}")
+    raw = configs.read_yaml_mapping(path, f"SPEC {path}")
     unknown = sorted(set(raw) - KEYS)
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)} (expected {', '.join(sorted(KEYS))})")
