@@ -130,3 +130,18 @@ def test_a_bad_line_inside_or_a_changing_type_falls_back_to_the_line_reader(tmp_
     tele = logs.telemetry(logs.sources([str(tmp_path / "r")]))
     assert tele["power_w"].tolist()[:2] == [10, 12.5] and pd.isna(tele["power_w"].iloc[2])
     assert "power_w" in logs.metric_columns(tele)  # "N/A" is absent, the numbers stay
+
+
+def test_labels_grow_until_runs_are_told_apart(tmp_path):
+    make_run(tmp_path / "A" / "runs", "r1")
+    make_run(tmp_path / "B" / "runs", "r1")
+    labels = [s.label for s in logs.sources([str(tmp_path / "A" / "runs" / "r1"), str(tmp_path / "B" / "runs" / "r1")])]
+    assert labels == ["A/runs/r1", "B/runs/r1"]
+
+
+def test_a_whole_last_line_without_newline_is_kept_and_a_torn_one_dropped(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"t": 1, "power_w": 5}\n{"t": 2, "power_w": 6}')
+    assert list(logs.read_jsonl_frame(path)["t"]) == [1, 2]
+    path.write_text('{"t": 1, "power_w": 5}\n{"t": 2, "pow')
+    assert list(logs.read_jsonl_frame(path)["t"]) == [1]

@@ -80,3 +80,11 @@ def test_report_loads_in_headless_chromium_without_errors(tmp_path):
         assert driver.execute_script("return typeof alert_called") == "undefined"
     finally:
         driver.quit()
+
+
+def test_report_from_loose_files_uses_all_of_them(tmp_path):
+    a = make_run(tmp_path, "a")
+    page = write_report([str(a / "telemetry" / "train_epoch.jsonl"), str(a / "metrics.jsonl")],
+                        tmp_path / "r.html").read_text()
+    assert "No metrics.jsonl" not in page and "FINAL top-1" in page
+    assert page.count("data:image/png;base64,") >= 4 + 3  # curves + the telemetry metrics of the file

@@ -81,10 +81,15 @@ def _merge_same_label(found: list[Source]) -> list[Source]:
             merged[key].metrics = merged[key].metrics or src.metrics
         else:
             merged[key] = src
-    labels = [k[0] for k in merged]
-    for (label, folder), src in merged.items():
-        if labels.count(label) > 1:
-            src.label = f"{Path(folder).parent.name}/{label}"
+    # Runs that share a folder name get as many parent folders in their label as tell them apart.
+    for depth in range(1, 8):
+        labels = [s.label for s in merged.values()]
+        clashing = [(k, s) for k, s in merged.items() if labels.count(s.label) > 1]
+        if not clashing:
+            break
+        for (label, folder), src in clashing:
+            parents = Path(folder).parts[-depth - 1:-1]
+            src.label = "/".join([*parents, label])
     return list(merged.values())
 
 
@@ -94,6 +99,13 @@ def read_jsonl_frame(path: Path) -> pd.DataFrame:
     line, skipping the lines that do not parse."""
     raw = path.read_bytes()
     complete = raw[: raw.rfind(b"\n") + 1]  # up to the last full line
+    tail = raw[len(complete):]
+    if tail.strip():  # a last line without a newline: whole if it parses, torn if not
+        try:
+            json.loads(tail)
+            complete = raw + b"\n"
+        except ValueError:
+            pass
     if not complete.strip():
         return pd.DataFrame()
     try:

@@ -28,6 +28,8 @@ def montage(folder: str | Path, out: str | Path, cols: int = 3, cell_width: int 
         raise UsageError(f"{folder}: not a folder (give the folder that holds the PNGs)")
     if cols < 1:
         raise UsageError(f"--cols: must be 1 or more, got {cols}")
+    if cell_width is not None and not 16 <= cell_width <= 10_000:
+        raise UsageError(f"--width: must be 16 to 10000 pixels, got {cell_width}")
     paths = sorted(p for p in folder.glob("*.png") if p.resolve() != out.resolve())
     if not paths:
         raise UsageError(f"{folder}: no .png files to put in a montage")

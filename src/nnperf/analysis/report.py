@@ -79,7 +79,8 @@ def _energy_table(mets: pd.DataFrame) -> str:
 
 
 def _run_section(src: logs.Source, plots_dir: Path) -> str:
-    result = plot_runs([str(src.run_dir or (src.telemetry or [src.metrics])[0])], plots_dir)
+    files = [str(p) for p in src.telemetry] + ([str(src.metrics)] if src.metrics else [])
+    result = plot_runs([str(src.run_dir)] if src.run_dir else files, plots_dir)
     mets = logs.metrics([src])
     cfg, env = runinfo.config(src), runinfo.env(src)
     best, tests = runinfo.final(mets), runinfo.test_results(src)

@@ -34,7 +34,7 @@ CYCLES, CLOCK = "smsp__cycles_elapsed.avg", "smsp__cycles_elapsed.avg.per_second
 SCALE = {"": 1, "byte": 1, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "tbyte": 1e12,
          "ns": 1e-9, "nsecond": 1e-9, "us": 1e-6, "usecond": 1e-6, "ms": 1e-3, "msecond": 1e-3,
          "s": 1, "second": 1, "inst": 1, "cycle": 1, "cycle/second": 1, "cycle/nsecond": 1e9,
-         "cycle/usecond": 1e6, "cycle/msecond": 1e3}
+         "cycle/usecond": 1e6, "cycle/msecond": 1e3, "hz": 1, "khz": 1e3, "mhz": 1e6, "ghz": 1e9}
 
 
 @dataclass
@@ -107,9 +107,9 @@ def read_metrics(path: str | Path) -> dict[tuple[str, str], dict[str, float]]:
         key = (row[0], row[name_col] if name_col is not None else row[0])
         values = {}
         for metric, unit, text in zip(header, units, row):
-            value = _number(text)
-            if value is not None and "__" in metric:
-                values[metric] = value * SCALE.get(unit.strip().lower(), 1)
+            value, unit = _number(text), unit.strip().lower()
+            if value is not None and "__" in metric and unit in SCALE:
+                values[metric] = value * SCALE[unit]
         kernels[key] = values
     return kernels
 

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -88,17 +89,29 @@ def open_study(spec: Spec, storage: RDBStorage) -> optuna.Study:
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=spec.study, storage=storage, sampler=_sampler(spec),
                                   pruner=_pruner(spec))
-        theirs = study.user_attrs.get("spec_fingerprint")
+        theirs = _fingerprint_when_ready(study)
         if theirs != spec.fingerprint:
             raise UsageError(f"--study {spec.study}: a study of that name with a different search already "
                              "exists in this storage; choose another --study, or run its own spec") from None
         return study
-    study.set_user_attr("spec_fingerprint", spec.fingerprint)
     study.set_user_attr("spec", json.dumps(spec.raw, default=str))
     for i in range(spec.trials):
         point = spec.grid[i] if i < len(spec.grid) else {}
         study.enqueue_trial(point, user_attrs={SLOT: i, POINT: json.dumps(point)})
+    # Set last: a worker that joins sees the fingerprint only once every trial is queued.
+    study.set_user_attr("spec_fingerprint", spec.fingerprint)
     return study
+
+
+def _fingerprint_when_ready(study: optuna.Study, wait_s: float = 60.0) -> str | None:
+    """The study's spec fingerprint, waiting while the worker that created it is still queueing
+    its trials (workers started together)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        theirs = study.user_attrs.get("spec_fingerprint")
+        if theirs is not None or time.monotonic() > deadline:
+            return theirs
+        time.sleep(0.5)
 
 
 def _suggest(trial: optuna.Trial, spec: Spec) -> dict:
@@ -234,6 +247,8 @@ def work(spec: Spec, storage: RDBStorage, folder: Path, max_trials: int | None,
     study = open_study(spec, storage)
     ran = 0
     while max_trials is None or ran < max_trials:
+        # Trials of workers that died (no heartbeat for GRACE_S) fail here and are queued again.
+        optuna.storages.fail_stale_trials(study)
         if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             break
         trial = study.ask()

@@ -43,10 +43,12 @@ class TelemetryTail:
             self.offsets[path] = start + len(complete)
             for line in complete.splitlines():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except ValueError:
                     continue
-        return sorted(rows, key=lambda r: r.get("t", 0))
+                if isinstance(row, dict) and isinstance(row.get("t"), (int, float)):
+                    rows.append(row)
+        return sorted(rows, key=lambda r: r["t"])
 
 
 class Sinks:
@@ -68,14 +70,21 @@ class Sinks:
     def batch(self, tag: str, values: list[float], first_step: int) -> None:
         self._each(lambda s: s.batch(tag, values, first_step))
 
+    def _new_telemetry(self) -> list[dict]:
+        try:
+            return self.tail.new_rows()
+        except Exception as e:  # noqa: BLE001 - unreadable telemetry is skipped, training goes on
+            self.warn(f"telemetry for the trackers: could not read new rows ({type(e).__name__}: {e})")
+            return []
+
     def epoch(self, epoch: int, step: int, scalars: dict[str, float], texts: dict[str, str] | None = None) -> None:
-        rows = self.tail.new_rows()
+        rows = self._new_telemetry()
         self._each(lambda s: s.epoch(epoch, step, scalars, texts or {}))
         if rows:
             self._each(lambda s: s.telemetry(rows))
 
     def close(self) -> None:
-        rows = self.tail.new_rows()
+        rows = self._new_telemetry()
         if rows:
             self._each(lambda s: s.telemetry(rows))
         self._each(lambda s: s.close())
