@@ -199,3 +199,25 @@ def test_missing_or_malformed_spec_file_is_one_line(run_cli, tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     code, _, err = run_cli("sweep", "list.yaml")
     assert code == 2 and "SPEC list.yaml: expected a mapping" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_dead_workers_trial_is_failed_and_run_again_by_the_next_worker(tmp_path, monkeypatch):
+    import time
+
+    from nnperf.sweep import spec as specs
+    from nnperf.sweep import study as studies
+
+    monkeypatch.setattr(studies, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(studies, "GRACE_S", 1)
+    s = specs.load(_spec(tmp_path, grid=[{"optimizer": "sgd", "lr": [0.01, 0.05]}]))
+    folder = tmp_path / "sweeps" / "t"
+    storage = studies.storage_for(None, folder)
+    study = studies.open_study(s, storage)
+    dead = study.ask()  # a worker takes trial 0, beats once, then dies
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(2.5)
+    ran = studies.work(s, storage, folder, None, lambda line: None)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert ran == 2 and states[0] == optuna.trial.TrialState.FAIL
+    done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["slot"] for t in done) == [0, 1]  # slot 0 ran again, as a new trial
