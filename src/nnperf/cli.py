@@ -271,7 +271,8 @@ def cmd_plot(ns: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "plot": cmd_plot, "montage": cmd_montage, "compare": cmd_compare, "data": cmd_data,
-            "roofline": cmd_roofline, "report": cmd_report, "sweep": cmd_sweep, "test": cmd_test, "predict": cmd_predict, "devices": cmd_devices}
+            "roofline": cmd_roofline, "report": cmd_report, "sweep": cmd_sweep, "test": cmd_test,
+            "predict": cmd_predict, "devices": cmd_devices}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 Accepts what DESIGN.md's run directory holds (`metrics.jsonl`, `telemetry/*.jsonl`) and the older
 profiler's loose `train_epoch.jsonl` / `val_epoch.jsonl` files, which may name the time `timestamp`
-and leave the phase to the file name. pandas and Arrow's JSON reader (the fast path for million-row logs); no training code.
+and leave the phase to the file name. pandas and Arrow's JSON reader (the fast path for million-row
+logs); no training code.
 """
 
 from __future__ import annotations

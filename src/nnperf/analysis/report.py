@@ -41,15 +41,16 @@ def _num(value, digits: int = 3) -> str:
         return "-"
     if isinstance(value, (int, float)):
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
-    return _esc(value)
+    return str(value)  # plain text: the caller escapes it once
 
 
 def _table(frame: pd.DataFrame, index_label: str = "") -> str:
     head = "".join(f"<th>{_esc(c)}</th>" for c in [index_label, *frame.columns])
     body = []
     for idx, row in frame.iterrows():
-        cells = "".join(f'<td class="num">{_num(v)}</td>' if isinstance(v, (int, float)) and not isinstance(v, bool)
-                        else f"<td>{_esc(v)}</td>" for v in row)
+        cells = "".join(f'<td class="num">{_esc(_num(v))}</td>'
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) else f"<td>{_esc(v)}</td>"
+                        for v in row)
         body.append(f"<tr><th>{_esc(idx)}</th>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 

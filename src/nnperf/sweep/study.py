@@ -25,7 +25,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 # Optuna 4.9 renamed the callback that re-queues a trial whose worker stopped beating.
-RetryStale = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+RetryStale = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+              or optuna.storages.RetryFailedTrialCallback)
 for _quiet in (optuna.exceptions.ExperimentalWarning, FutureWarning):
     warnings.filterwarnings("ignore", category=_quiet, module=r"optuna\.|nnperf\.sweep")
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
