@@ -29,8 +29,10 @@ def plot_runs(paths: list[str], out: str | Path, only: list[str] | None = None) 
     wanted = present if only is None else only
     result = PlotResult(skipped=[m for m in (plots.ORDER if only is None else only) if m not in present])
     out = Path(out)
-    for metric in (m for m in wanted if m in present):
-        plots.plot_metric(tele, metric, out / f"{metric}.png")
+    names = [m for m in wanted if m in present]
+    spans = plots.validation_spans(tele) if names else {}
+    for metric in names:
+        plots.plot_metric(tele, metric, out / f"{metric}.png", spans)
         plots.metric_csv(tele, metric, out / f"{metric}.csv")
         result.written += [out / f"{metric}.png", out / f"{metric}.csv"]
     for key in plots.CURVES:
@@ -39,7 +41,6 @@ def plot_runs(paths: list[str], out: str | Path, only: list[str] | None = None) 
             result.written.append(out / f"curve_{key}.png")
     if tele.empty and mets.empty:
         raise UsageError(f"{', '.join(paths)}: the files hold no rows to plot")
-    names = [m for m in wanted if m in present]
     table = summary.summarise(tele, mets, names)
     fileio.write_with(out / "summary.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.10g"))
     result.written.append(out / "summary.csv")

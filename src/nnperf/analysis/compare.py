@@ -8,11 +8,7 @@ from . import logs, plots, runinfo, summary
 
 
 def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-    return str(value)
+    return summary.figure(value) if value is None or isinstance(value, float) else str(value)
 
 
 def side_by_side(srcs: list[logs.Source]) -> tuple[pd.DataFrame, list[str]]:

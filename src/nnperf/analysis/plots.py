@@ -74,15 +74,21 @@ def series_label(run: str, device: str, several_devices: bool) -> str:
     return f"{run} · {device}" if several_devices and device else run
 
 
-def plot_metric(df: pd.DataFrame, metric: str, path: Path) -> None:
-    """One PNG: `metric` against seconds since start, a line per (run, device), val phases shaded."""
+def validation_spans(df: pd.DataFrame) -> dict[str, list[tuple[float, float]]]:
+    return {run: phase_spans(rows) for run, rows in df.groupby("run", sort=False)}
+
+
+def plot_metric(df: pd.DataFrame, metric: str, path: Path, spans_by_run: dict | None = None) -> None:
+    """One PNG: `metric` against seconds since start, a line per (run, device), val phases shaded
+    (`spans_by_run` from validation_spans(df), computed here when not given)."""
     rows = df[df[metric].notna()]
     several_devices = rows.groupby("run")["device"].nunique().max() > 1
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
     for (run, device), part in rows.groupby(["run", "device"], sort=True):
         x, y = _thin(part["elapsed_s"], part[metric].astype(float))
         ax.plot(x, y, linewidth=1.0, label=series_label(run, device, several_devices))
-    spans = {(round(a, 1), round(b, 1)) for run in rows["run"].unique() for a, b in phase_spans(df[df["run"] == run])}
+    spans_by_run = validation_spans(df) if spans_by_run is None else spans_by_run
+    spans = {(round(a, 1), round(b, 1)) for run in rows["run"].unique() for a, b in spans_by_run.get(run, [])}
     for start, end in sorted(spans):
         ax.axvspan(start, max(end, start + 1e-3), color="grey", alpha=0.15, linewidth=0,
                    label="validation (shaded)" if (start, end) == min(spans) else None)

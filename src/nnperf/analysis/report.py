@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import fileio
-from . import compare, logs, plot_runs, runinfo
+from . import compare, logs, plot_runs, runinfo, summary
 
 CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1180px;
@@ -37,11 +37,7 @@ def _esc(value) -> str:
 
 
 def _num(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return "-"
-    if isinstance(value, (int, float)):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
-    return str(value)  # plain text: the caller escapes it once
+    return summary.figure(value, digits)  # plain text: the caller escapes it once
 
 
 def _table(frame: pd.DataFrame, index_label: str = "") -> str:

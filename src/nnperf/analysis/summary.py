@@ -54,6 +54,15 @@ def summarise(tele: pd.DataFrame, mets: pd.DataFrame, metric_names: list[str]) -
     return pd.DataFrame(rows)
 
 
+def figure(value, digits: int = 4) -> str:
+    """A number for people: "-" when absent, thousands grouped from 1,000, else `digits` significant."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "-"
+    if isinstance(value, (int, float)):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
+    return str(value)
+
+
 def _fmt(value, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "-"

@@ -74,7 +74,7 @@ def _check_settings(path: Path, where: str, values: dict) -> None:
     if unknown:
         raise _fail(path, where, f"unknown setting(s) {', '.join(unknown)} (see nnperf train --help)")
     try:
-        configs.build({}, {k: v for k, v in values.items()})
+        configs.build({}, values)
     except UsageError as e:
         raise _fail(path, where, str(e)) from None
 

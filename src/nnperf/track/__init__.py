@@ -26,6 +26,13 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def telemetry_scalars(row: dict) -> dict[str, float]:
+    """A telemetry row's measurements as {"telemetry/<device>/<metric>": value}."""
+    device = str(row.get("device", "")).replace(":", "")
+    return {f"telemetry/{device}/{key}": value for key, value in row.items()
+            if key not in ("t", "epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 class TelemetryTail:
     """The telemetry rows appended to RUN/telemetry/*.jsonl since the last call (whole lines only)."""
 

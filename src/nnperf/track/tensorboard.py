@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from . import missing_package
+from . import missing_package, telemetry_scalars
 
 
 class TensorBoardSink:
@@ -37,11 +37,8 @@ class TensorBoardSink:
         """Every numeric field of each row as telemetry/<device>/<metric>, at the training step the
         sample was taken and its own wall time."""
         for row in rows:
-            device = str(row.get("device", "")).replace(":", "")
-            for key, value in row.items():
-                if key in ("t", "epoch", "step") or isinstance(value, bool) or not isinstance(value, (int, float)):
-                    continue
-                self.writer.add_scalar(f"telemetry/{device}/{key}", value, row.get("step", 0), walltime=row.get("t"))
+            for tag, value in telemetry_scalars(row).items():
+                self.writer.add_scalar(tag, value, row.get("step", 0), walltime=row.get("t"))
 
     def close(self) -> None:
         self.writer.close()

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from . import missing_package
+from . import missing_package, telemetry_scalars
 
 
 def has_api_key() -> bool:
@@ -59,9 +59,7 @@ class WandbSink:
             if not isinstance(t, (int, float)):
                 continue
             self.t0 = t if self.t0 is None else self.t0
-            device = str(row.get("device", "")).replace(":", "")
-            values = {f"telemetry/{device}/{k}": v for k, v in row.items()
-                      if k not in ("t", "epoch", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            values = telemetry_scalars(row)
             if values:
                 self.run.log({**values, "telemetry/elapsed_s": t - self.t0})
 
