@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
 from . import config as configs
-from .errors import Interrupted, UsageError
+from .errors import Diverged, EnvError, Interrupted, UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -280,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[ns.command](ns)
     except UsageError as e:
-        print(f"nnperf {ns.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(ns, e, 2)
+    except EnvError as e:
+        return _fail(ns, e, 1)
+    except Diverged as e:
+        return _fail(ns, e, 3)
     except Interrupted as e:
         name = signal.Signals(e.signum).name
         print(f"nnperf {ns.command}: stopped by {name}; position saved. Resume with:\n"
@@ -290,3 +294,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nnperf {ns.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the environment: disk full, read-only folder, permissions, ...
+        from .fileio import describe_os_error
+
+        return _fail(ns, describe_os_error(e), 1)
+    except Exception as e:  # noqa: BLE001 - a bug still reaches the user as one line, not a traceback
+        if os.environ.get("NNPERF_DEBUG"):
+            raise
+        return _fail(ns, f"unexpected {type(e).__name__}: {_first_line(e)[:300]} (a bug in nnperf; run again with "
+                         "NNPERF_DEBUG=1 to see where)", 1)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _fail(ns: argparse.Namespace, error: BaseException | str, code: int) -> int:
+    message = error if isinstance(error, str) else _first_line(error)
+    print(f"nnperf {ns.command}: error: {message}", file=sys.stderr)
+    return code

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -12,6 +14,54 @@ from typing import Any, Callable, Iterable
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+TMP_SUFFIX = ".nnperf-tmp"
+_TMP_NAME = re.compile(r"\..+\.(\d+)\.[A-Za-z0-9_]+" + re.escape(TMP_SUFFIX))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Remove temporary files that an interrupted atomic write left in `folder` (only ours: the
+    name pattern of atomic_path, written by a process that no longer runs). Returns what went."""
+    folder = Path(folder)
+    removed = []
+    candidates = folder.rglob(f".*{TMP_SUFFIX}") if recursive else folder.glob(f".*{TMP_SUFFIX}")
+    for p in candidates:
+        m = _TMP_NAME.fullmatch(p.name)
+        if m is None or p.is_symlink() or not p.is_file():
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue  # its writer may be writing it right now
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for a failing environment: what happened to which file, and what to do about it."""
+    where = e.filename if e.filename is not None else "a file"
+    what = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where}: no space left on the device; free some space (or choose another output folder) and run again"
+    if e.errno == errno.EROFS:
+        return f"{where}: the file system is read-only; choose a writable output folder"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"{where}: permission denied; choose a folder you can write to, or fix its permissions"
+    if e.errno == errno.ENOTDIR:
+        return f"{where}: a path component is a file, not a folder; choose another path"
+    if e.errno == errno.EISDIR:
+        return f"{where}: is a folder, not a file; give a file name"
+    return f"{where}: {what}"
 
 
 @contextlib.contextmanager
@@ -19,7 +69,8 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path in the same folder; on success fsync it and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The writer's pid is in the name so that a later start can tell an abandoned one (clean_stale_temps).
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
