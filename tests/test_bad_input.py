@@ -135,8 +135,8 @@ def test_resume_from_weights_of_another_shape(run_cli, trained):
     ckpt = trained / "checkpoints" / "last.pt"
     state = torch.load(ckpt, weights_only=True)
     state["config"]["width"] = 16  # claims a wider model than the weights hold
-    torch.save(state, trained / "other.pt")
-    _one_line_error(*run_cli("train", "--resume", trained / "other.pt"), "--resume", "do not fit")
+    torch.save(state, trained / "checkpoints" / "other.pt")
+    _one_line_error(*run_cli("train", "--resume", trained / "checkpoints" / "other.pt"), "--resume", "do not fit")
 
 
 def test_resume_from_a_truncated_checkpoint(run_cli, trained):

@@ -7,6 +7,7 @@ one place that checks values, and its errors name the flag to fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
+from .names import check_name
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "sam", "muon")
 SAM_BASES = tuple(o for o in OPTIMIZERS if o not in ("sam", "muon"))
@@ -24,6 +26,7 @@ AUGMENTS = ("auto", "none", "crop", "crop-flip")
 LOADERS = ("tensor", "torch")
 PAD_MODES = ("zero", "reflect")
 FLIPS = ("random", "alternate")
+NAN_POLICIES = ("stop", "skip")
 
 
 def setting(default: Any, help: str, kind: type = str, choices: tuple | None = None, flag: bool = True):
@@ -84,6 +87,9 @@ class TrainConfig:
     lookahead_every: int = setting(0, "every N steps pull the weights to their moving average (0: off)", kind=int)
     lookahead_decay: float = setting(0.95, "per-step decay of that average, times (fraction of training done) cubed",
                                      kind=float)
+    nan_policy: str = setting("stop", "on a non-finite training loss: stop (name the step, save nothing non-finite, "
+                              "exit 3) or skip the step (counted as skipped_steps in metrics.jsonl)",
+                              choices=NAN_POLICIES)
     tta: int = setting(0, "test-time augmentation: 0 none, 1 flips, 2 flips and 1-pixel translations", kind=int)
     eval_every: int = setting(1, "evaluate every N epochs (the last epoch always)", kind=int)
     # hardware
@@ -130,6 +136,11 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     if value is None:
         return None
     try:
+        if kind is str:
+            # A YAML mapping or list (`name: {a: 1}`) is never a valid string setting.
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise ValueError
+            return str(value)
         if kind is bool:
             if isinstance(value, bool):
                 return value
@@ -150,6 +161,8 @@ def read_yaml_mapping(path: str | Path, label: str) -> dict:
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UsageError(f"{label}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{label}: not a UTF-8 text file (byte {e.start}); save it as UTF-8") from None
     if not isinstance(raw, dict):
         raise UsageError(f"{label}: expected a mapping of settings, got {type(raw).__name__}")
     return raw
@@ -191,6 +204,11 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, f.name)
         if choices and value is not None and value not in choices:
             raise UsageError(f"{flag_name(f.name)}: unknown value '{value}' (choose from {', '.join(choices)})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag_name(f.name)}: must be a finite number, got {value}")
+    if cfg.name is not None:
+        check_name(cfg.name, "--name")
+    _check(cfg.out_dir != "", "--out-dir", "must name a folder")
     _check(1 <= cfg.epochs <= 100_000, "--epochs", f"must be between 1 and 100000, got {cfg.epochs}")
     _check(1 <= cfg.batch_size <= 1 << 20, "--batch-size", f"must be a positive number, got {cfg.batch_size}")
     _check(1 <= cfg.eval_batch_size <= 1 << 20, "--eval-batch-size",

@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import config as configs
 from .. import device as devices
+from ..data.formats import bomb_warnings_silenced, open_image
 from ..errors import UsageError
 from . import checkpoint
 from .build import SPLITS, build_model, choose_hardware, eval_batches, load_splits
@@ -75,14 +76,14 @@ def _load_for_predict(path: str) -> tuple[configs.TrainConfig, dict, dict]:
 def _image_tensor(path: str, info: dict) -> torch.Tensor:
     channels, height, width = info["shape"]
     try:
-        with Image.open(path) as im:
+        with bomb_warnings_silenced(), open_image(path, "give a smaller image", f"IMAGE {path}") as im:
             im = im.convert("L" if channels == 1 else "RGB")
             if im.size != (width, height):
                 im = im.resize((width, height), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         raise UsageError(f"IMAGE {path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # Pillow's parsers raise all four
         raise UsageError(f"IMAGE {path}: unreadable image ({e})") from None
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     x = torch.from_numpy(arr.copy()).float().div_(255)

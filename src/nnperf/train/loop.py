@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,8 +19,8 @@ from .. import device as devices
 from .. import envinfo
 from .. import telemetry
 from ..telemetry import backends as telemetry_backends
-from ..errors import Interrupted, UsageError
-from ..fileio import read_jsonl, write_json, write_jsonl, write_text, write_with
+from ..errors import Diverged, EnvError, Interrupted, UsageError
+from ..fileio import describe_os_error, read_jsonl, write_json, write_jsonl, write_text, write_with
 from . import checkpoint, rundir
 from .build import Hardware, build_model, choose_hardware, eval_batches, load_splits, train_batches
 from .optim import Lookahead, make_optimizer, make_schedule
@@ -28,6 +30,8 @@ from .tracking import Tracking, open_tracking
 
 # Images the data-dependent initialisation (the fast model's whitening layer) looks at.
 INIT_IMAGES = 5000
+# With --nan-policy skip, this many non-finite steps in a row mean the run has diverged anyway.
+MAX_SKIPPED_IN_A_ROW = 100
 
 
 @dataclass
@@ -40,12 +44,14 @@ class Position:
     global_step: int = 0
     best: dict | None = None
     sums: dict = field(default_factory=dict)
+    last_finite: tuple[int, float] | None = None  # (global step, loss) of the last finite training loss
+    skipped_in_a_row: int = 0
 
     def reset_sums(self, dev: torch.device) -> None:
         self.sums = {"loss": torch.zeros((), dtype=torch.float64, device=dev),
                      "top1": torch.zeros((), dtype=torch.int64, device=dev),
                      "top5": torch.zeros((), dtype=torch.int64, device=dev),
-                     "images": 0, "seconds": 0.0, "data_wait_s": 0.0}
+                     "images": 0, "seconds": 0.0, "data_wait_s": 0.0, "skipped_steps": 0}
 
 
 @dataclass
@@ -67,6 +73,8 @@ class Run:
     on_epoch: Callable[[dict, dict | None], None] | None = None  # (train row, val row) after each epoch
     rows: list = field(default_factory=list)
     pos: Position = field(default_factory=Position)
+    fresh: bool = True  # the run directory was made by this invocation
+    stop: StopRequest | None = None
 
     @property
     def dev(self) -> torch.device:
@@ -87,10 +95,18 @@ def _init_from_data(model: torch.nn.Module, split, info: dict, dev: torch.device
 
 
 def _setup(cfg: configs.TrainConfig, state: dict | None, log: Callable[[str], None]) -> Run:
+    """Build everything and check it can run; the run directory is made (or reopened) last, so a
+    bad setting or file leaves nothing behind."""
+    path, fresh = rundir.for_resume(cfg) if state else (rundir.check_new(cfg), True)
     hw = choose_hardware(cfg)
     if cfg.optimizer == "sam" and hw.precision.needs_scaler:
         raise UsageError("--optimizer sam: needs --precision fp32 or bf16 on this device, not fp16")
+    if state and cfg.max_steps and state["global_step"] >= cfg.max_steps:
+        raise UsageError(f"--max-steps {cfg.max_steps}: the checkpoint is already at step {state['global_step']}; "
+                         "raise --max-steps or drop it to train to the end of --epochs")
     splits = load_splits(cfg)
+    if state:
+        _check_same_data(state["data"], splits.info, cfg.resume)
     info = state["data"] if state else splits.info
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, info, hw.dev, hw.channels_last)
@@ -98,6 +114,7 @@ def _setup(cfg: configs.TrainConfig, state: dict | None, log: Callable[[str], No
         checkpoint.state_matches_model(state, model, cfg.resume)
     else:
         _init_from_data(model, splits.train, info, hw.dev)
+    _check_model_runs(cfg, model, info, hw)
     train = train_batches(cfg, splits.train, info, hw.dev, hw.channels_last)
     evals = eval_batches(cfg, splits.get(info["eval_split"]), info, hw.dev, hw.channels_last)
     optimizer = make_optimizer(cfg, model)
@@ -105,10 +122,47 @@ def _setup(cfg: configs.TrainConfig, state: dict | None, log: Callable[[str], No
     scheduler = make_schedule(cfg, optimizer, len(train) * cfg.epochs)
     scaler = torch.amp.GradScaler(hw.dev.type) if hw.precision.needs_scaler else None
     forward = CompiledOrEager(model, log) if cfg.compile else None
-    step = TrainStep(model, optimizer, scaler, hw.dev, hw.precision, cfg.label_smoothing, forward)
+    step = TrainStep(model, optimizer, scaler, hw.dev, hw.precision, cfg.label_smoothing, forward,
+                     skip_nonfinite=cfg.nan_policy == "skip")
     lookahead = Lookahead(model, cfg.lookahead_every, cfg.lookahead_decay) if cfg.lookahead_every else None
-    path = rundir.for_resume(cfg) if state else rundir.create(cfg)
-    return Run(cfg, path, hw, info, model, optimizer, scheduler, scaler, train, evals, step, lookahead)
+    if fresh:
+        rundir.create(cfg)
+    else:
+        rundir.prepare_resume(path)
+    return Run(cfg, path, hw, info, model, optimizer, scheduler, scaler, train, evals, step, lookahead, fresh=fresh)
+
+
+def _check_same_data(saved: dict, now: dict, path: str) -> None:
+    """A resumed run must see the data it was trained on, or its labels and schedule no longer fit."""
+    for key in ("classes", "shape", "train_images", "eval_split"):
+        if key in saved and saved[key] != now.get(key):
+            def shown(v):
+                return f"{len(v)} classes" if key == "classes" and isinstance(v, list) else v
+            raise UsageError(f"--resume {path}: the data differ from the checkpoint's ({key}: {shown(saved[key])} "
+                             f"then, {shown(now.get(key))} now); resume with the run's own data settings")
+
+
+def _check_model_runs(cfg: configs.TrainConfig, model: torch.nn.Module, info: dict, hw: Hardware) -> None:
+    """One forward pass on two blank images, so that a model that cannot take this input size
+    fails here, with the flags to change, before a run directory exists."""
+    channels, height, width = info["shape"]
+    x = torch.zeros(2, channels, height, width, device=hw.dev)
+    if hw.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--model {cfg.model}: cannot run on {channels}x{height}x{width} images ({reason}); "
+                         "use a larger --image-size or another --model") from None
+    finally:
+        model.train(was_training)
+    if tuple(out.shape) != (2, len(info["classes"])):
+        raise UsageError(f"--model {cfg.model}: gives outputs of shape {tuple(out.shape)} for "
+                         f"{len(info['classes'])} classes; use another --model")
 
 
 def _restore(run: Run, state: dict) -> None:
@@ -130,10 +184,14 @@ def _restore(run: Run, state: dict) -> None:
     p.reset_sums(run.dev)
     for key, value in state["sums"].items():
         p.sums[key] = value.to(run.dev) if isinstance(value, torch.Tensor) else value
-    metrics = run.dir / "metrics.jsonl"
-    # Rows written after this checkpoint belong to steps that will now run again.
+    own = rundir.checkpoint_run(run.cfg.resume)
+    metrics = (own if own is not None else run.dir) / "metrics.jsonl"
     old = read_jsonl(metrics) if metrics.is_file() else []
-    run.rows = [r for r in old if r.get("step", 0) <= p.global_step]
+    # Rows written after this checkpoint belong to steps that will now run again, and so does the
+    # epoch row of an epoch that --max-steps cut short.
+    run.rows = [r for r in old if isinstance(r, dict) and isinstance(r.get("step", 0), int)
+                and r.get("step", 0) <= p.global_step
+                and not (p.step and r.get("epoch") == p.epoch + 1 and r.get("phase") in ("train", "val"))]
 
 
 def _state(run: Run) -> dict:
@@ -159,18 +217,22 @@ def _train_row(run: Run, phase: str) -> dict:
             "loss": s["loss"].item() / n, "top1": s["top1"].item() / n, "top5": s["top5"].item() / n,
             "lr": _lr(run), "images": s["images"], "seconds": s["seconds"],
             "images_per_s": s["images"] / s["seconds"] if s["seconds"] > 0 else None,
-            "data_wait_s": s["data_wait_s"]}
+            "data_wait_s": s["data_wait_s"],
+            **({"skipped_steps": s["skipped_steps"]} if run.cfg.nan_policy == "skip" else {})}
 
 
-def _train_epoch(run: Run, stop: StopRequest, bar) -> None:
+def _train_epoch(run: Run, bar) -> None:
     """Train from the current position to the end of the epoch (or --max-steps, or a signal)."""
-    cfg, p, s = run.cfg, run.pos, run.pos.sums
+    cfg, p, s, stop = run.cfg, run.pos, run.pos.sums, run.stop
+    if stop.signum is not None:  # a signal while the previous epoch was evaluated or saved
+        _save_interrupted(run, stop.signum)
     run.model.train()
     if hasattr(run.model, "on_epoch_start"):  # models with an epoch-dependent part (fast: whitening bias)
         run.model.on_epoch_start(p.epoch)
     devices.sync(run.dev)
     started = time.perf_counter()
     waited = 0.0
+    pending = None  # the previous step's loss, checked one step late so the host never waits on the device
     if run.tracking is not None:
         run.tracking.start_epoch(p.global_step)
     ask = time.perf_counter()
@@ -178,15 +240,22 @@ def _train_epoch(run: Run, stop: StopRequest, bar) -> None:
         waited += time.perf_counter() - ask
         _where(run, "train")
         loss, logits = run.step(x, y)
-        if run.tracking is not None:
-            run.tracking.losses.append(loss)
+        if pending is not None:
+            _check_finite(run, *pending)
+        pending = (loss, p.global_step + 1)
         run.scheduler.step()
         if run.lookahead is not None and (p.global_step + 1) % run.lookahead.every == 0:
             run.lookahead.update(run.model, (p.global_step + 1) / (len(run.train) * cfg.epochs))
-        s["loss"] += loss.double() * len(y)
-        s["top1"] += topk_correct(logits, y, 1)
-        s["top5"] += topk_correct(logits, y, 5)
-        s["images"] += len(y)
+        if run.step.skipped:
+            _count_skipped(run)
+        else:
+            p.skipped_in_a_row = 0
+            if run.tracking is not None:
+                run.tracking.losses.append(loss)
+            s["loss"] += loss.double() * len(y)
+            s["top1"] += topk_correct(logits, y, 1)
+            s["top5"] += topk_correct(logits, y, 5)
+            s["images"] += len(y)
         p.step += 1
         p.global_step += 1
         if bar is not None:
@@ -196,6 +265,8 @@ def _train_epoch(run: Run, stop: StopRequest, bar) -> None:
         if stop.signum is not None or (cfg.max_steps and p.global_step >= cfg.max_steps):
             break
         ask = time.perf_counter()
+    if pending is not None:
+        _check_finite(run, *pending)
     devices.sync(run.dev)
     s["seconds"] += time.perf_counter() - started
     s["data_wait_s"] += waited
@@ -203,47 +274,91 @@ def _train_epoch(run: Run, stop: StopRequest, bar) -> None:
         _save_interrupted(run, stop.signum)
 
 
+def _count_skipped(run: Run) -> None:
+    p = run.pos
+    p.sums["skipped_steps"] += 1
+    p.skipped_in_a_row += 1
+    if p.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+        raise Diverged(_diverged(run, p.global_step + 1, f"{p.skipped_in_a_row} steps in a row had a non-finite "
+                                 "loss or gradients (--nan-policy skip)"))
+
+
+def _check_finite(run: Run, loss: torch.Tensor, step: int) -> None:
+    """--nan-policy stop: a non-finite loss ends the run here, before anything non-finite is saved."""
+    if run.step.skip_nonfinite:
+        return
+    value = loss.item()
+    if math.isfinite(value):
+        run.pos.last_finite = (step, value)
+        return
+    raise Diverged(_diverged(run, step, f"the training loss is {value}"))
+
+
+def _diverged(run: Run, step: int, what: str) -> str:
+    cfg, last = run.cfg, run.pos.last_finite
+    before = f"last finite loss {last[1]:.4g} at step {last[0]}" if last else "no finite loss before it"
+    likely = [f"--lr {cfg.lr:g}"]
+    if cfg.weight_decay:
+        likely.append(f"--weight-decay {cfg.weight_decay:g}")
+    if run.hw.precision.name == "fp16":
+        likely.append("--precision fp16 (try bf16 or fp32)")
+    kept = run.ckpt_dir / "last.pt"
+    saved = f"the last good checkpoint is {kept}" if kept.is_file() else "no checkpoint was saved"
+    return (f"diverged at step {step} (epoch {run.pos.epoch + 1}): {what}; {before}. Likely too high: "
+            f"{', '.join(likely)}; or pass --nan-policy skip to skip such steps. Nothing non-finite was saved; "
+            f"{saved}")
+
+
 def _save_interrupted(run: Run, signum: int) -> None:
     path = run.ckpt_dir / "last.pt"
-    write_jsonl(run.dir / "metrics.jsonl", run.rows)  # step rows of the unfinished epoch
-    checkpoint.save(path, _state(run))
+    with run.stop.saving():
+        write_jsonl(run.dir / "metrics.jsonl", run.rows)  # step rows of the unfinished epoch
+        checkpoint.save(path, _state(run))
     raise Interrupted(signum, str(path))
 
 
-def _is_last_epoch(run: Run) -> bool:
-    return run.pos.epoch + 1 >= run.cfg.epochs or _steps_done(run)
+def _weights_finite(run: Run) -> bool:
+    flags = [torch.isfinite(t).all() for t in run.model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _end_epoch(run: Run, log: Callable[[str], None]) -> None:
-    """Evaluate (every --eval-every epochs and at the end), write the epoch's metrics and
-    checkpoints, and print its line."""
+    """Evaluate (every --eval-every epochs, at the end, and where --max-steps stops), write the
+    epoch's metrics and checkpoints, and print its line. An epoch that --max-steps cut short keeps
+    its position, so that a resume finishes it."""
     cfg, p = run.cfg, run.pos
-    last = _is_last_epoch(run)
+    whole = p.step >= len(run.train)
+    last = whole and p.epoch + 1 >= cfg.epochs
     if last and run.lookahead is not None:
         run.lookahead.finish(run.model)
     train_row = {**_train_row(run, "train"), **_energy(run, "train")}
     run.rows.append(train_row)
     val, val_losses = None, []
-    if last or (p.epoch + 1) % cfg.eval_every == 0:
+    if last or not whole or (p.epoch + 1) % cfg.eval_every == 0:
         _where(run, "val")
         val = evaluate(run.model, run.eval, run.dev, run.hw.precision, cfg.tta,
                        val_losses if run.tracking is not None else None)
         val = {**val, **_energy(run, "val")}
         run.rows.append({"t": time.time(), "epoch": p.epoch + 1, "step": p.global_step, "phase": "val", **val})
+    if (val is not None and not math.isfinite(val["loss"])) or not _weights_finite(run):
+        what = f"the validation loss is {val['loss']}" if val is not None else "the weights are no longer finite"
+        raise Diverged(_diverged(run, p.global_step, what))
     write_jsonl(run.dir / "metrics.jsonl", run.rows)
     if run.tracking is not None:
         run.tracking.end_epoch(p.epoch + 1, p.global_step, cfg.batch_size, train_row, val, val_losses)
-    p.epoch, p.step = p.epoch + 1, 0
     improved = val is not None and (p.best is None or val["top1"] > p.best["top1"])
     if improved:
-        p.best = {"epoch": p.epoch, "top1": val["top1"], "top5": val["top5"], "loss": val["loss"]}
-    p.reset_sums(run.dev)
+        p.best = {"epoch": p.epoch + 1, "top1": val["top1"], "top5": val["top5"], "loss": val["loss"]}
+    if whole:
+        p.epoch, p.step = p.epoch + 1, 0
+        p.reset_sums(run.dev)
     state = _state(run)
-    checkpoint.save(run.ckpt_dir / "last.pt", state)
-    if improved:
-        checkpoint.save(run.ckpt_dir / "best.pt", state)
-    if cfg.save_every and p.epoch % cfg.save_every == 0:
-        checkpoint.save(run.ckpt_dir / f"epoch{p.epoch:04d}.pt", state)
+    with run.stop.saving():
+        checkpoint.save(run.ckpt_dir / "last.pt", state)
+        if improved:
+            checkpoint.save(run.ckpt_dir / "best.pt", state)
+        if whole and cfg.save_every and p.epoch % cfg.save_every == 0:
+            checkpoint.save(run.ckpt_dir / f"epoch{p.epoch:04d}.pt", state)
     log(epoch_line(train_row, val))
     if run.on_epoch is not None:
         run.on_epoch(train_row, val)  # may raise to stop the run (a pruned sweep trial)
@@ -288,7 +403,9 @@ def epoch_line(train: dict, val: dict | None) -> str:
             f"{train['seconds']:.1f}s {ips} img/s")
 
 
-def final_line(best: dict) -> str:
+def final_line(best: dict | None) -> str:
+    if best is None:
+        return "FINAL: no evaluation yet (the run stopped before its first evaluation)"
     return f"FINAL top1 {best['top1']:.3f}, top5 {best['top5']:.3f}, loss {best['loss']:.3f} (epoch {best['epoch']})"
 
 
@@ -326,35 +443,81 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
         cfg.name = rundir.default_name(cfg)
     run = _setup(cfg, state, log)
     run.on_epoch = on_epoch
+    try:
+        with StopRequest() as run.stop:
+            _start(run, state, log)
+            _train(run, log)
+            with run.stop.saving():
+                write_with(run.ckpt_dir / "final_weights.pt", lambda tmp: torch.save(run.model.state_dict(), tmp))
+    except OSError as e:
+        _forget_if_unsaved(run)
+        raise EnvError(_environment_failed(run, e)) from None
+    except (Interrupted, KeyboardInterrupt):
+        raise
+    except BaseException:
+        _forget_if_unsaved(run)
+        raise
+    log(final_line(run.pos.best))
+    return {"run_dir": str(run.dir), "best": run.pos.best, "epochs": run.pos.epoch, "steps": run.pos.global_step}
+
+
+def _start(run: Run, state: dict | None, log: Callable[[str], None]) -> None:
     run.pos.reset_sums(run.dev)
     if state:
         _restore(run, state)
     _start_files(run, resumed=state is not None)
-    log(f"run {run.dir} | {cfg.dataset} {cfg.model} on {run.dev} ({devices.device_name(run.dev)}) | "
+    log(f"run {run.dir} | {run.cfg.dataset} {run.cfg.model} on {run.dev} ({devices.device_name(run.dev)}) | "
         f"{run.hw.describe()}")
+
+
+def _train(run: Run, log: Callable[[str], None]) -> None:
+    """The epochs, with telemetry and the metric sinks around them."""
     run.sampler = _start_telemetry(run, log)
     try:
-        run.tracking = open_tracking(cfg, run.dir, run.optimizer, log)
+        run.tracking = open_tracking(run.cfg, run.dir, run.optimizer, log)
         if run.tracking is not None:
             run.step.grad_norms = run.tracking.grad_norms
-        with StopRequest() as stop:
-            while run.pos.epoch < cfg.epochs and not _steps_done(run):
-                bar = _progress_bar(run)
-                try:
-                    _train_epoch(run, stop, bar)
-                finally:
-                    if bar is not None:
-                        bar.close()
-                _end_epoch(run, log)
+        while run.pos.epoch < run.cfg.epochs and not _steps_done(run):
+            bar = _progress_bar(run)
+            try:
+                _train_epoch(run, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            _end_epoch(run, log)
     finally:
-        if run.sampler is not None:
-            run.sampler.stop()
-        if run.tracking is not None:
-            run.tracking.close()  # after the sampler: its last rows reach the sinks too
+        _close_telemetry(run, log)
+
+
+def _close_telemetry(run: Run, log: Callable[[str], None]) -> None:
+    """Stop the sampler and the sinks; their failures are warnings, never a second error on top of
+    the one that may be on its way out."""
+    for what, close in (("telemetry", run.sampler.stop if run.sampler else None),
+                        ("metric sinks", run.tracking.close if run.tracking else None)):
+        if close is not None:
+            try:
+                close()  # the sampler first: its last rows reach the sinks too
+            except Exception as e:  # noqa: BLE001
+                log(f"warning: closing {what} failed ({type(e).__name__}: {e})")
+    try:
         _update_env(run, {"telemetry": _telemetry_info(run)})
-    write_with(run.ckpt_dir / "final_weights.pt", lambda tmp: torch.save(run.model.state_dict(), tmp))
-    log(final_line(run.pos.best))
-    return {"run_dir": str(run.dir), "best": run.pos.best, "epochs": run.pos.epoch, "steps": run.pos.global_step}
+    except OSError as e:
+        log(f"warning: env.json not updated ({describe_os_error(e)})")
+
+
+def _environment_failed(run: Run, e: OSError) -> str:
+    last = run.ckpt_dir / "last.pt"
+    if last.is_file():
+        return (f"{describe_os_error(e)}. The last good checkpoint {last} is intact: resume with "
+                f"nnperf train --resume {last}")
+    return describe_os_error(e)
+
+
+def _forget_if_unsaved(run: Run) -> None:
+    """A run directory this invocation made, that failed before saving any checkpoint, holds
+    nothing worth keeping: remove it rather than leave a half-made run behind."""
+    if run.fresh and not any(run.ckpt_dir.glob("*.pt")):
+        shutil.rmtree(run.dir, ignore_errors=True)
 
 
 def _steps_done(run: Run) -> bool:

@@ -1,4 +1,4 @@
-"""The run directory: where it is, and refusing to clobber one by accident."""
+"""The run directory: where it is, and refusing to clobber anything that is not a run of ours."""
 
 from __future__ import annotations
 
@@ -8,30 +8,80 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..errors import UsageError
+from ..fileio import clean_stale_temps
+
+# What a run directory holds (DESIGN.md); --overwrite removes only a folder that looks like one.
+RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl")
 
 
 def default_name(cfg: TrainConfig) -> str:
     return f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def for_resume(cfg: TrainConfig) -> Path:
-    """A checkpoint in RUN/checkpoints/ continues RUN; one from elsewhere continues out_dir/name."""
-    ckpt = Path(cfg.resume).resolve()
-    if ckpt.parent.name == "checkpoints":
-        return ckpt.parent.parent
+def is_run_dir(path: Path) -> bool:
+    """A real folder (not a link) with checkpoints/ and a run file, or only the empty checkpoints/
+    that a run leaves when it stops while starting."""
+    if path.is_symlink() or not path.is_dir() or not (path / "checkpoints").is_dir():
+        return False
+    entries = {p.name for p in path.iterdir()}
+    return any(name in entries for name in RUN_FILES) or (
+        entries == {"checkpoints"} and not any((path / "checkpoints").iterdir()))
+
+
+def target(cfg: TrainConfig) -> Path:
     return Path(cfg.out_dir) / cfg.name
 
 
-def create(cfg: TrainConfig) -> Path:
-    """A fresh run directory; an existing one is replaced only with --overwrite."""
-    path = Path(cfg.out_dir) / cfg.name
+def check_new(cfg: TrainConfig) -> Path:
+    """Where a new run goes; refuses (before anything is written) what create() must not touch."""
+    path = target(cfg)
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out}: is a file, not a folder; choose another --out-dir")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise UsageError(f"--name {cfg.name}: {path} exists and is not a folder; choose another --name")
     if path.exists():
         if not cfg.overwrite:
             raise UsageError(f"--name: run directory {path} already exists; pass --overwrite to replace it, "
                              f"--resume {path}/checkpoints/last.pt to continue it, or another --name")
+        if not is_run_dir(path):
+            raise UsageError(f"--overwrite: {path} is not an nnperf run directory (no checkpoints/ and "
+                             f"{', '.join(RUN_FILES)}); it is left alone: choose another --name")
+    return path
+
+
+def create(cfg: TrainConfig) -> Path:
+    """A fresh run directory; an existing one is replaced only with --overwrite, and only if it is a run."""
+    path = check_new(cfg)
+    if path.exists():
         shutil.rmtree(path)
     (path / "checkpoints").mkdir(parents=True)
     return path
+
+
+def checkpoint_run(resume: str) -> Path | None:
+    """RUN for a checkpoint at RUN/checkpoints/FILE, else None."""
+    ckpt = Path(resume)
+    return ckpt.parent.parent if ckpt.resolve().parent.name == "checkpoints" else None
+
+
+def for_resume(cfg: TrainConfig) -> tuple[Path, bool]:
+    """(run directory, whether it is new). A resume continues the checkpoint's own run when
+    --out-dir/--name point at it; anywhere else must be a new folder (or an --overwrite-able run),
+    so that resuming a copied checkpoint never writes over another run's files."""
+    path = target(cfg)
+    own = checkpoint_run(cfg.resume)
+    if own is not None and path.resolve() == own.resolve():
+        return path, False
+    check_new(cfg)
+    return path, True
+
+
+def prepare_resume(path: Path) -> None:
+    """The run directory of a resumed run exists, with checkpoints/; leftovers of a write that a
+    crash interrupted are removed."""
+    (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path)
 
 
 def clear_telemetry(path: Path) -> None:

@@ -39,12 +39,23 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                  dev: torch.device, precision: devices.Precision, label_smoothing: float = 0.0,
-                 forward: nn.Module | None = None):
+                 forward: nn.Module | None = None, skip_nonfinite: bool = False):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.forward = forward or model
         self.dev, self.precision = dev, precision
         self.label_smoothing = label_smoothing
         self.grad_norms: list | None = None  # a list: each step's total gradient norm is appended
+        # --nan-policy skip: a step whose loss or gradients are not finite leaves the weights as they
+        # were. Deciding needs the values on the host, one sync per step, so only when asked for.
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped = False  # whether the last call skipped its update
+
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = torch.isfinite(loss)
+        if grads:
+            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        return not bool(finite)
 
     def _record_grad_norm(self) -> None:
         if self.grad_norms is not None:
@@ -58,18 +69,26 @@ class TrainStep:
         return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the batch's loss and logits, detached."""
+        """Returns the batch's loss and logits, detached; `skipped` says whether the update was skipped."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, logits = self._loss(x, y)
+        self.skipped = False
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            if self.grad_norms is not None:
+            if self.grad_norms is not None or self.skip_nonfinite:
                 self.scaler.unscale_(self.optimizer)  # the norm of the true gradients
                 self._record_grad_norm()
+            # The scaler itself skips an update whose gradients overflowed (and lowers its scale).
+            self.skipped = self.skip_nonfinite and self._nonfinite(loss)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif isinstance(self.optimizer, SAM):
-            loss.backward()
+            return loss.detach(), logits.detach()
+        loss.backward()
+        if self.skip_nonfinite and self._nonfinite(loss):
+            self.skipped = True
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss.detach(), logits.detach()
+        if isinstance(self.optimizer, SAM):
             self._record_grad_norm()
 
             def closure():
@@ -78,7 +97,6 @@ class TrainStep:
 
             self.optimizer.step(closure)
         else:
-            loss.backward()
             self._record_grad_norm()
             self.optimizer.step()
         return loss.detach(), logits.detach()
