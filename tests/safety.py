@@ -12,9 +12,12 @@ Case ids are "KIND-what": README.md's count of cases by kind comes from
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -56,7 +59,7 @@ def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
 
 def allowed(path: str, globs: tuple[str, ...]) -> bool:
     # A folder that holds an allowed file may appear too (a new run directory, say).
-    return any(fnmatch.fnmatch(path, g) or any(fnmatch.fnmatch(g_prefix, path) for g_prefix in _parents(g))
+    return any(fnmatch.fnmatch(path, g) or any(fnmatch.fnmatch(path, prefix) for prefix in _parents(g))
                for g in globs)
 
 
@@ -95,3 +98,42 @@ def check(run_cli, root: Path, case: Case) -> tuple[int, str, str]:
     unexpected = sorted(p for p in changed(before, after) if not allowed(p, case.may_change + ALWAYS))
     assert not unexpected, f"{case.id} changed files it had no business with: {unexpected}"
     return code, out, err
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str = "4m"):
+    """A small tmpfs mounted on `folder` (made if missing) for disk-full and read-only cases; skips
+    the test with the reason where mounting is not allowed (not root, no mount namespace)."""
+    import pytest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def remount(folder: Path, read_only: bool) -> None:
+    subprocess.run(["mount", "-o", "remount," + ("ro" if read_only else "rw"), str(folder)], check=True)
+
+
+def fill(folder: Path, leave_bytes: int) -> Path:
+    """Fill the file system of `folder` until about `leave_bytes` are free; returns the filler file."""
+    filler = folder / "filler.bin"
+    free = shutil.disk_usage(folder).free - leave_bytes
+    with open(filler, "wb") as f:
+        while free > 0:
+            chunk = min(free, 1 << 20)
+            try:
+                f.write(b"\0" * chunk)
+                f.flush()
+            except OSError:
+                break
+            free -= chunk
+    return filler

@@ -1,8 +1,14 @@
+import builtins
 import hashlib
 import http.server
 import io
+import os
+import pickle
+import struct
+import subprocess
 import tarfile
 import threading
+import warnings
 from functools import partial
 
 import numpy as np
@@ -11,7 +17,7 @@ import torch
 from PIL import Image
 
 from nnperf import config, data
-from nnperf.data import augment, formats, sources
+from nnperf.data import archive, augment, formats, sources
 from nnperf.errors import UsageError
 
 from conftest import SHARED, make_cifar_folder, make_idx_folder, write_idx
@@ -242,3 +248,154 @@ def test_imagefolder_from_a_tar_archive_is_extracted_once(tmp_path):
     assert ds.classes == ["cat", "dog"] and len(ds.train) == 6
     extracted = list((tmp_path / "cache" / "extracted").iterdir())
     assert len(extracted) == 1 and (extracted[0] / "tree" / "train" / "cat").is_dir()
+
+
+# ---- data files never run code ------------------------------------------------------------------
+
+def _py2_cifar_pickle(n: int = 2) -> tuple[bytes, np.ndarray]:
+    """A batch pickled the way Python 2 and numpy 1 wrote the real cifar-10-batches-py files:
+    numpy.core names, the pixels as a Python 2 str (BINSTRING), byte-string keys."""
+    pixels = np.arange(n * 3072, dtype=np.uint32).astype(np.uint8).reshape(n, 3072)
+    raw = pixels.tobytes()
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+             b"(K\x01K" + bytes([n]) + b"M\x00\x0c\x86cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R"
+             b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T" + struct.pack("<I", len(raw)) + raw
+             + b"tb")
+    labels = b"]" + b"(" + b"".join(b"K" + bytes([i % 10]) for i in range(n)) + b"e"
+    body = b"\x80\x02}(U\x04data" + array + b"U\x06labels" + labels + b"U\x0bbatch_labelU\x01xu."
+    return body, pixels
+
+
+def test_cifar_reader_loads_python2_numpy1_pickles(tmp_path):
+    body, pixels = _py2_cifar_pickle()
+    (tmp_path / "b").write_bytes(body)
+    images, labels = formats.read_cifar_batches([tmp_path / "b"], "labels")
+    np.testing.assert_array_equal(images.reshape(2, -1), pixels)
+    assert labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar_reader_loads_current_numpy_pickles(tmp_path, protocol):
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 3072), dtype=np.uint8)
+    entry = {"data": pixels, "labels": [np.int64(1), 2, 3], "batch_label": b"x", "filenames": ["a.png"] * 3}
+    (tmp_path / "b").write_bytes(pickle.dumps(entry, protocol=protocol))
+    images, labels = formats.read_cifar_batches([tmp_path / "b"], "labels")
+    np.testing.assert_array_equal(images.reshape(3, -1), pixels)
+    assert labels.tolist() == [1, 2, 3]
+    # numpy 1's module names (numpy.core) load as well as numpy 2's (numpy._core).
+    old = pickle.dumps(entry, protocol=protocol).replace(b"numpy._core", b"numpy.core")
+    if protocol < 4:  # longer names shift no length prefixes before protocol 4's framing
+        (tmp_path / "old").write_bytes(old)
+        assert formats.read_cifar_batches([tmp_path / "old"], "labels")[1].tolist() == [1, 2, 3]
+
+
+class _Call:
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("func,args,named", [
+    (os.system, ("touch MARKER",), "posix.system"),
+    (subprocess.Popen, (["touch", "MARKER"],), "Popen"),  # protocol 2 names it commands.Popen (Python 2's)
+    (builtins.exec, ("open('MARKER', 'w')",), "exec"),
+    (getattr, (np.ndarray, "tofile"), "getattr"),  # a method of an admitted class, reached by getattr
+    (np.load, ("MARKER",), "numpy.load"),
+])
+def test_cifar_reader_refuses_every_other_global(tmp_path, func, args, named, protocol):
+    (tmp_path / "b").write_bytes(pickle.dumps({"data": _Call(func, *args), "labels": []}, protocol=protocol))
+    with pytest.raises(UsageError) as info:
+        formats.read_cifar_batches([tmp_path / "b"], "labels")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'b'}: refused to load") and named in message and "\n" not in message
+    assert not (tmp_path / "MARKER").exists()
+
+
+def test_cifar_reader_refuses_nested_label_lists_and_cleans_class_names(tmp_path):
+    nested = []
+    for _ in range(40):  # 2**40 items if walked: shared references, a few hundred bytes on disk
+        nested = [nested, nested]
+    (tmp_path / "b").write_bytes(pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": nested}))
+    with pytest.raises(UsageError, match="'labels' is not a list of integers"):
+        formats.read_cifar_batches([tmp_path / "b"], "labels")
+    (tmp_path / "meta").write_bytes(pickle.dumps({"label_names": ["cat\x1b[2J", b"dog\n"]}))
+    assert formats.read_cifar_meta(tmp_path / "meta", "label_names") == ["cat?[2J", "dog?"]
+
+
+def test_idx_reader_reads_only_what_the_header_announces(tmp_path):
+    path = write_idx(tmp_path / "x-idx3-ubyte", np.ones((2, 4, 4), np.uint8), gz=False)
+    path.write_bytes(path.read_bytes() + b"\0" * 1000)  # trailing data is ignored, not loaded
+    assert formats.read_idx(path).shape == (2, 4, 4)
+    huge = bytes([0, 0, 0x08, 3]) + struct.pack(">3i", 2**31 - 1, 2**31 - 1, 2**31 - 1) + b"\0" * 10
+    path.write_bytes(huge)  # a header claiming ~10**28 bytes: a one-line error, no allocation
+    with pytest.raises(UsageError, match="truncated IDX file"):
+        formats.read_idx(path)
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
+    _image_folder(tmp_path / "d" / "train")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 12x10 images are 120 pixels
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(UsageError, match=r"0\.png: image of 12 x 10 pixels is larger than the limit of 100"):
+            data.load(cfg(dataset="imagefolder", data=str(tmp_path / "d")))
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # over twice the limit: Pillow's own error
+    with pytest.raises(UsageError, match="image of 120 pixels is larger than the limit of 50"):
+        formats.open_image(tmp_path / "d" / "train" / "cat" / "0.png")
+
+
+@pytest.mark.parametrize("name,kind,link,reason", [
+    ("tree/a.png", tarfile.REGTYPE, "", None),
+    ("tree/alias.png", tarfile.SYMTYPE, "a.png", None),
+    ("tree/sub/alias", tarfile.SYMTYPE, "deeper/x", None),
+    ("../x", tarfile.REGTYPE, "", "'..'"),
+    ("tree/../../x", tarfile.REGTYPE, "", "'..'"),
+    ("/etc/x", tarfile.REGTYPE, "", "absolute"),
+    ("tree/up", tarfile.SYMTYPE, "..", "links to"),
+    ("tree/up", tarfile.SYMTYPE, "sub/../..", "links to"),
+    ("tree/etc", tarfile.SYMTYPE, "/etc", "links to"),
+    ("tree/hard", tarfile.LNKTYPE, "../outside", "links to"),
+    ("tree/dev", tarfile.CHRTYPE, "", "special file"),
+])
+def test_tar_members_that_could_leave_the_folder_are_refused(name, kind, link, reason):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    found = archive.unsafe_member(info)
+    assert (found is None) if reason is None else (reason in found and repr(name) in found)
+
+
+def test_cifar_download_refuses_an_archive_with_escaping_members(tmp_path, monkeypatch):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    (tmp_path / "dl").mkdir()
+    (tmp_path / "dl" / "cifar-10-python.tar.gz").write_bytes(buf.getvalue())
+    monkeypatch.setattr(sources.CIFAR10.tv_class, "tgz_md5", hashlib.md5(buf.getvalue()).hexdigest())
+    with pytest.raises(UsageError, match="--download .*refused to extract: member '../escaped.txt'"):
+        data.load(cfg(dataset="cifar10", data=str(tmp_path / "dl"), download=True))
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize("has_data_filter", [True, False])
+def test_extract_tar_with_and_without_pythons_data_filter(tmp_path, monkeypatch, has_data_filter):
+    if not has_data_filter:  # Python before 3.11.4 / 3.10.12: the member checks alone must hold
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    _image_folder(tmp_path / "src" / "train")
+    with tarfile.open(tmp_path / "ok.tar", "w") as tar:
+        tar.add(tmp_path / "src", arcname="tree")
+    archive.extract_tar(tmp_path / "ok.tar", tmp_path / "out", "--data")
+    assert (tmp_path / "out" / "tree" / "train" / "cat" / "0.png").is_file()
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        tar.add(tmp_path / "src", arcname="tree")
+        info = tarfile.TarInfo("tree/../../escaped.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(UsageError, match=r"--data .*bad.tar: refused to extract: member 'tree/\.\./\.\./escaped.txt'"):
+        archive.extract_tar(tmp_path / "bad.tar", tmp_path / "out2", "--data")
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out2").exists()

@@ -36,7 +36,7 @@ def _spec(tmp_path: Path, name: str = "s.yaml", **overrides) -> Path:
     ({"space": {"weight_decay": {"type": "log-float", "low": 0, "high": 0.1}}}, "log-float needs low > 0"),
     ({"space": {"momentum": {"type": "float", "low": 0.5, "high": 1.5}}}, "--momentum: must be in [0, 1)"),
     ({"base": {**BASE, "learning_rate": 0.1}}, "base: unknown setting(s) learning_rate"),
-    ({"trials": 2}, "trials: must be a whole number, at least the grid's 4 points"),
+    ({"trials": 2}, "trials: must be a whole number from 4 to 100000 (the grid has 4 points), got 2"),
     ({"space": {"lr": {"type": "categorical", "choices": [0.1]}}}, "lr also in grid"),
 ])
 def test_bad_specs_are_one_line(run_cli, tmp_path, overrides, message):

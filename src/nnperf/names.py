@@ -22,7 +22,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._+=,@-]+")
 def check_name(value: object, flag: str) -> str:
     """`value` if it is a usable single folder or file name, else a one-line UsageError."""
     if not isinstance(value, str) or not _NAME.fullmatch(value):
-        shown = repr(value) if isinstance(value, str) else f"a {type(value).__name__}"
+        shown = repr(value) if isinstance(value, str) else f"a value of type {type(value).__name__}"
         raise UsageError(f"{flag}: {shown} is not a usable name (use {NAME_RULE})")
     return value
 

@@ -15,11 +15,12 @@ from typing import Callable
 import numpy as np
 import torch
 from torchvision import datasets as tvd
-from torchvision.datasets.utils import download_and_extract_archive, download_url
+from torchvision.datasets.utils import download_url
 
 from ..config import TrainConfig
 from ..errors import UsageError
 from . import formats
+from .archive import extract_tar
 from .cache import cached, file_fingerprint
 from .cache import default_dir as default_cache_dir
 
@@ -97,9 +98,11 @@ def fetch_cifar(spec: CifarSpec, root: Path, download: bool) -> Path:
                          f"{tv.filename} (from {tv.url}) into {root}")
     try:
         # Verifies the md5 and skips the download when a good archive is already there.
-        download_and_extract_archive(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
+        download_url(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         raise _download_error(spec.title, tv.url, e, root, tv.filename) from None
+    # Not torchvision's extraction: it trusts every member name, and this one refuses escaping names.
+    extract_tar(root / tv.filename, root, "--download")
     folder = _cifar_folder(spec, root)
     if folder is None:
         raise UsageError(f"{root}/{tv.filename}: extracted, but {expected} is still missing")
@@ -183,11 +186,10 @@ def _extracted(archive: Path, cache_dir: str | None) -> Path:
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
-        except (tarfile.TarError, OSError) as e:
+            extract_tar(archive, tmp, "--data")
+        except UsageError:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UsageError(f"--data {archive}: cannot extract ({e})") from None
+            raise
         os.replace(tmp, target)  # whole or not at all
     found = sorted(p.parent for p in target.glob("**/train") if p.is_dir())
     return found[0] if found else target

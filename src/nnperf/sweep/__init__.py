@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from . import folder as folders
 from . import results, spec
 
 
@@ -15,7 +16,12 @@ def sweep(spec_path: str, trials: int | None, storage_url: str | None, study_nam
 
     s = spec.load(spec_path, study_name)
     folder = Path(out_dir or Path("sweeps") / s.study)
+    flag = "--out-dir" if out_dir else "sweep folder"
+    unclaimed = folders.check(folder, s.study, flag)
     storage = studies.storage_for(storage_url, folder)
+    if unclaimed:
+        here = [st.study_name for st in storage.get_all_studies()] if storage_url is None else None
+        folders.claim(folder, s.study, flag, here)
     study = studies.open_study(s, storage)
     if not show_only:
         ran = studies.work(s, storage, folder, trials, log)

@@ -1,6 +1,6 @@
 """The sweep spec: a YAML file that says what to train and which settings to search.
 
-    study: optimizers            # study name (--study overrides)
+    study: optimizers            # study name (--study overrides); also the sweep folder's name
     trials: 21                   # trials in all, shared by every worker (default: the grid's size, else 20)
     sampler: tpe                 # tpe or random, for the `space` parameters
     seed: 0                      # the sampler's seed
@@ -15,6 +15,9 @@
       batch_size: {type: int, low: 64, high: 256, step: 64}
       label_smoothing: {type: float, low: 0.0, high: 0.2}
       schedule: {type: categorical, choices: [cosine, onecycle]}
+
+Every value is checked here, before anything is written: a bad spec is one line naming the file
+and the key.
 """
 
 from __future__ import annotations
@@ -22,15 +25,24 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config as configs
 from ..errors import UsageError
+from ..names import check_name
 
 KEYS = {"study", "trials", "sampler", "seed", "pruner", "base", "grid", "space", "metric"}
 TYPES = {"categorical", "int", "float", "log-float"}
 PRUNERS = {"median", "percentile", "none"}
+PRUNER_KEYS = {"type", "startup_trials", "warmup_epochs", "percentile"}
+# The sweep places every trial's run itself (SWEEP_FOLDER/trialNNNN, replaced if a crash left it
+# half-made): a spec that set these could send trial outputs, or that replacing, anywhere.
+RUN_DIR_SETTINGS = {"out_dir", "name", "overwrite", "resume"}
+# Every trial is queued in the database when the study is created; beyond this that is a typo.
+MAX_TRIALS = 100_000
+MAX_SEED = 2**32 - 1  # numpy's RandomState, under Optuna's samplers, takes 0 .. 2**32 - 1
 
 
 @dataclass
@@ -68,39 +80,83 @@ def _fail(path: Path, where: str, message: str) -> UsageError:
     return UsageError(f"{path}: {where}: {message}")
 
 
+def _names(keys) -> str:
+    # YAML keys may be numbers or dates as well as strings: sort what is shown, as text.
+    return ", ".join(sorted(str(k) for k in keys))
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (YAML's .inf and .nan are floats; true and false are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(path: Path, where: str, value, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise _fail(path, where, f"must be a whole number from {low} to {high}, got {value!r}")
+    return value
+
+
 def _check_settings(path: Path, where: str, values: dict) -> None:
     known = {f.name for f in configs.fields()}
-    unknown = sorted(set(values) - known)
+    unknown = set(values) - known
     if unknown:
-        raise _fail(path, where, f"unknown setting(s) {', '.join(unknown)} (see nnperf train --help)")
+        raise _fail(path, where, f"unknown setting(s) {_names(unknown)} (see nnperf train --help)")
+    placed = set(values) & RUN_DIR_SETTINGS
+    if placed:
+        raise _fail(path, where, f"{_names(placed)} cannot be set in a sweep: each trial is a run "
+                                 "directory SWEEP_FOLDER/trialNNNN (choose the folder with --out-dir)")
     try:
         configs.build({}, values)
     except UsageError as e:
         raise _fail(path, where, str(e)) from None
 
 
-def _param(path: Path, name: str, body) -> Param:
+def _setting_kinds() -> dict[str, type]:
+    return {f.name: f.metadata["kind"] for f in configs.fields()}
+
+
+def _param(path: Path, name, body) -> Param:
     where = f"space.{name}"
-    if not isinstance(body, dict) or body.get("type") not in TYPES:
+    kind = body.get("type") if isinstance(body, dict) else None
+    if not isinstance(kind, str) or kind not in TYPES:
         raise _fail(path, where, f"needs type: one of {', '.join(sorted(TYPES))}")
-    extra = set(body) - {"type", "choices", "low", "high", "step"}
+    takes = {"categorical": {"choices"}, "log-float": {"low", "high"}}.get(kind, {"low", "high", "step"})
+    extra = set(body) - takes - {"type"}
     if extra:
-        raise _fail(path, where, f"unknown key(s) {', '.join(sorted(extra))}")
-    p = Param(name, body["type"], list(body.get("choices") or []), body.get("low"), body.get("high"), body.get("step"))
-    if p.type == "categorical":
-        if not p.choices:
-            raise _fail(path, where, "categorical needs a non-empty choices list")
-        return p
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (p.low, p.high)):
-        raise _fail(path, where, f"{p.type} needs numbers low and high")
+        raise _fail(path, where, f"unknown key(s) {_names(extra)} ({kind} takes {_names(takes)})")
+    setting = _setting_kinds().get(name)
+    if kind == "categorical":
+        return Param(name, kind, _choices(path, where, body.get("choices")))
+    if setting is not None and setting not in (int, float):
+        raise _fail(path, where, f"{name} is not a number; search it with type: categorical")
+    if setting is int and kind != "int":
+        raise _fail(path, where, f"{name} is a whole number; search it with type: int")
+    return _numeric(path, where, Param(name, kind, [], body.get("low"), body.get("high"), body.get("step")))
+
+
+def _choices(path: Path, where: str, choices) -> list:
+    # Optuna stores categorical choices as JSON scalars; a list or mapping cannot be one.
+    if not isinstance(choices, list) or not choices:
+        raise _fail(path, where, "categorical needs a non-empty choices list")
+    for c in choices:
+        if not (c is None or isinstance(c, (str, bool)) or _is_number(c)):
+            raise _fail(path, where, f"choice {c!r} is not a string, a finite number, true, false or null")
+    return choices
+
+
+def _numeric(path: Path, where: str, p: Param) -> Param:
+    if not (_is_number(p.low) and _is_number(p.high)):
+        raise _fail(path, where, f"{p.type} needs finite numbers low and high, got {p.low!r} and {p.high!r}")
     if p.low >= p.high:
         raise _fail(path, where, f"impossible range: low {p.low} is not below high {p.high}")
     if p.type == "log-float" and p.low <= 0:
         raise _fail(path, where, f"log-float needs low > 0, got {p.low}")
     if p.type == "int" and not (float(p.low).is_integer() and float(p.high).is_integer()):
         raise _fail(path, where, "int needs whole-number low and high")
-    if p.step is not None and (p.step <= 0 or p.step > p.high - p.low or p.type == "log-float"):
-        raise _fail(path, where, f"step {p.step} does not fit the range (and log-float takes no step)")
+    if p.step is not None and not (_is_number(p.step) and 0 < p.step <= p.high - p.low
+                                   and (p.type != "int" or float(p.step).is_integer())):
+        raise _fail(path, where, f"step {p.step!r} does not fit the range (a number above 0, at most "
+                                 f"high - low{', whole for int' if p.type == 'int' else ''})")
     return p
 
 
@@ -116,46 +172,87 @@ def grid_points(path: Path, grid) -> list[dict]:
         values = [v if isinstance(v, list) else [v] for v in entry.values()]
         if any(not v for v in values):
             raise _fail(path, f"grid[{i}]", "an empty list of values")
+        # Counted before crossing: a few long lists would otherwise fill the memory.
+        if len(points) + math.prod(len(v) for v in values) > MAX_TRIALS:
+            raise _fail(path, "grid", f"more than {MAX_TRIALS} points")
         points += [dict(zip(keys, combo)) for combo in itertools.product(*values)]
     return points
+
+
+def _pruner(path: Path, pruner) -> dict:
+    if pruner is None:
+        return {"type": "median"}
+    if not isinstance(pruner, dict):
+        raise _fail(path, "pruner", "must be a mapping, e.g. {type: median, startup_trials: 5, warmup_epochs: 1}")
+    kind = pruner.get("type", "median")
+    if not isinstance(kind, str) or kind not in PRUNERS:
+        raise _fail(path, "pruner.type", f"must be one of {', '.join(sorted(PRUNERS))}, got {kind!r}")
+    extra = set(pruner) - PRUNER_KEYS
+    if extra:
+        raise _fail(path, "pruner", f"unknown key(s) {_names(extra)} (expected {_names(PRUNER_KEYS)})")
+    _whole(path, "pruner.startup_trials", pruner.get("startup_trials", 5), 0, MAX_TRIALS)
+    _whole(path, "pruner.warmup_epochs", pruner.get("warmup_epochs", 1), 0, 100_000)
+    percentile = pruner.get("percentile", 25.0)
+    if not _is_number(percentile) or not 0 <= percentile <= 100:
+        raise _fail(path, "pruner.percentile", f"must be a number from 0 to 100, got {percentile!r}")
+    return pruner
+
+
+def _mapping(path: Path, raw: dict, key: str, what: str) -> dict:
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(path, key, f"must be a mapping of {what}")
+    return value
+
+
+def _study_name(path: Path, raw: dict, given: str | None) -> str:
+    """The study name becomes the sweep folder's name (sweeps/STUDY): one plain folder name."""
+    if given is not None:
+        check_name(given, "--study")
+    if raw.get("study") is not None:
+        check_name(raw["study"], f"{path}: study")
+    if given is not None:
+        return given
+    if raw.get("study") is not None:
+        return raw["study"]
+    return check_name(path.stem, f"{path}: study (not set, so the file name's; set study: or --study)")
 
 
 def load(path: str | Path, study: str | None = None) -> Spec:
     path = Path(path)
     raw = configs.read_yaml_mapping(path, f"SPEC {path}")
-    unknown = sorted(set(raw) - KEYS)
+    unknown = set(raw) - KEYS
     if unknown:
-        raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)} (expected {', '.join(sorted(KEYS))})")
+        raise UsageError(f"{path}: unknown key(s) {_names(unknown)} (expected {_names(KEYS)})")
+    name = _study_name(path, raw, study)
     if raw.get("metric", "top1") != "top1":
         raise _fail(path, "metric", "only top1 (validation top-1, maximised) is supported")
-    base = raw.get("base") or {}
-    if not isinstance(base, dict):
-        raise _fail(path, "base", "must be a mapping of nnperf train settings")
+    base = _mapping(path, raw, "base", "nnperf train settings")
     _check_settings(path, "base", base)
     points = grid_points(path, raw.get("grid"))
     for i, point in enumerate(points):
         _check_settings(path, f"grid point {i} {point}", {**base, **point})
-    space_raw = raw.get("space") or {}
-    if not isinstance(space_raw, dict):
-        raise _fail(path, "space", "must be a mapping of setting: {type: ..., ...}")
-    space = {name: _param(path, name, body) for name, body in space_raw.items()}
-    for name, p in space.items():
+    space_raw = _mapping(path, raw, "space", "setting: {type: ..., ...}")
+    space = {key: _param(path, key, body) for key, body in space_raw.items()}
+    for key, p in space.items():
         ends = p.choices if p.type == "categorical" else [p.low, p.high]
         for value in ends:
-            _check_settings(path, f"space.{name}", {**base, name: int(value) if p.type == "int" else value})
-    clash = sorted({k for pt in points for k in pt} & set(space))
+            _check_settings(path, f"space.{key}", {**base, key: int(value) if p.type == "int" else value})
+    clash = {k for pt in points for k in pt} & set(space)
     if clash:
-        raise _fail(path, "space", f"{', '.join(clash)} also in grid; a setting is either gridded or searched")
+        raise _fail(path, "space", f"{_names(clash)} also in grid; a setting is either gridded or searched")
+    least = max(1, len(points))
     trials = raw.get("trials", len(points) or 20)
-    if not isinstance(trials, int) or trials < max(1, len(points)):
-        raise _fail(path, "trials", f"must be a whole number, at least the grid's {len(points)} points")
+    if not isinstance(trials, int) or isinstance(trials, bool) or not least <= trials <= MAX_TRIALS:
+        grid = f" (the grid has {len(points)} points)" if points else ""
+        raise _fail(path, "trials", f"must be a whole number from {least} to {MAX_TRIALS}{grid}, got {trials!r}")
     if trials > len(points) and not space:
         raise _fail(path, "trials", f"{trials} trials but only {len(points)} grid points and no space to search")
     sampler = raw.get("sampler", "tpe")
-    if sampler not in ("tpe", "random"):
-        raise _fail(path, "sampler", f"unknown sampler '{sampler}' (tpe or random)")
-    pruner = raw.get("pruner") or {"type": "median"}
-    if not isinstance(pruner, dict) or pruner.get("type", "median") not in PRUNERS:
-        raise _fail(path, "pruner", f"type must be one of {', '.join(sorted(PRUNERS))}")
-    name = study or raw.get("study") or path.stem
-    return Spec(path, str(name), trials, sampler, int(raw.get("seed", 0)), pruner, base, points, space, raw)
+    if not isinstance(sampler, str) or sampler not in ("tpe", "random"):
+        raise _fail(path, "sampler", f"unknown sampler {sampler!r} (tpe or random)")
+    seed = _whole(path, "seed", raw.get("seed", 0), 0, MAX_SEED)
+    pruner = _pruner(path, raw.get("pruner"))
+    return Spec(path, name, trials, sampler, seed, pruner, base, points, space, raw)

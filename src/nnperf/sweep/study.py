@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -181,18 +182,17 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: Spec, folder: Path
     from ..train import checkpoint, fit
 
     settings = {**spec.base, **_suggest(trial, spec)}
-    name = f"trial{trial.number:04d}"
+    name = _run_name(trial.number)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    resume = trial.user_attrs.get("resume_from")
-    frozen = study.get_trials(deepcopy=False)[trial.number]  # trials are listed by number
-    retried = RetryStale.retried_trial_number(frozen)
-    if resume is None and retried is not None:  # a worker died in it: continue its run if it saved one
-        last = folder / f"trial{retried:04d}" / "checkpoints" / "last.pt"
-        resume = str(last) if last.exists() else None
+    run = _run_to_continue(study, trial)
+    last = folder / run / "checkpoints" / "last.pt" if run else None
+    resume = str(last) if last is not None and last.is_file() else None
+    # A trial's run is always SWEEP_FOLDER/trialNNNN; overwrite replaces what a crash left of it.
     overrides = {"name": name, "out_dir": str(folder), "overwrite": True, "report": False}
     if resume:
         state = checkpoint.load(resume)
-        cfg = checkpoint.resume_config(state, settings, {"resume": resume, "out_dir": str(folder)}, resume)
+        cfg = checkpoint.resume_config(state, settings, {"resume": resume, "out_dir": str(folder), "name": run},
+                                       resume)
     else:
         state, cfg = None, configs.build(settings, overrides)
     shown = json.dumps(_suggest_shown(settings, spec))
@@ -230,6 +230,26 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: Spec, folder: Path
         return
     study.tell(trial, best["top1"])
     log(f"trial {trial.number}: top-1 {best['top1']:.4f} ({attrs['seconds']:.0f}s)")
+
+
+def _run_name(number: int) -> str:
+    return f"trial{number:04d}"
+
+
+def _run_to_continue(study: optuna.Study, trial: optuna.Trial) -> str | None:
+    """The run directory name (in this worker's sweep folder) of the stopped run this trial continues:
+    one saved by Ctrl-C, or that of a dead worker's trial. Only the name is taken from the study:
+    the recorded checkpoint path is another worker's (relative to its working directory, or on
+    another machine), and a run resumed from a checkpoint outside the sweep folder would write, or
+    continue another run, outside it."""
+    recorded = trial.user_attrs.get("resume_from")
+    if recorded is not None:
+        run = Path(str(recorded)).parent.parent.name
+        return run if re.fullmatch(r"trial\d+", run) else None
+    frozen = study.get_trials(deepcopy=False)[trial.number]  # trials are listed by number
+    # The trial right before this one in its series of retries is the one that died last.
+    history = RetryStale.retry_history(frozen)
+    return _run_name(history[-1]) if history else None
 
 
 def _suggest_shown(settings: dict, spec: Spec) -> dict:

@@ -98,17 +98,38 @@ class Sinks:
 
 
 def open_sinks(cfg, run_dir: Path, config_dict: dict, warn: Callable[[str], None]) -> Sinks | None:
-    """The sinks `cfg` asks for (--tensorboard, --wandb), or None."""
+    """The sinks `cfg` asks for (--tensorboard, --wandb), or None. A missing package is the user's to
+    install (one line, before training); a sink that cannot start (its folder unusable, its service
+    failing) is left off with one warning, and training goes on."""
     sinks: list[Sink] = []
     if cfg.tensorboard:
         from .tensorboard import TensorBoardSink
 
-        sinks.append(TensorBoardSink(run_dir / "tb", config_dict))
+        _open("--tensorboard", lambda: TensorBoardSink(run_dir / "tb", config_dict), sinks, warn)
     if cfg.wandb:
         from .wandb import WandbSink
 
-        sinks.append(WandbSink(cfg, run_dir, config_dict, warn))
+        _open("--wandb", lambda: WandbSink(cfg, run_dir, config_dict, warn), sinks, warn)
     return Sinks(sinks, run_dir, warn) if sinks else None
+
+
+def _open(flag: str, make: Callable[[], Sink], sinks: list, warn: Callable[[str], None]) -> None:
+    try:
+        sinks.append(make())
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a tracking service must never stop training
+        warn(f"warning: {flag}: could not start ({type(e).__name__}: {str(e)[:200]}); it is off for this run")
+
+
+def check_installed(cfg) -> None:
+    """Refuse, before anything is written, a sink whose package is missing."""
+    import importlib.util
+
+    for wanted, flag, package, extra in ((cfg.tensorboard, "--tensorboard", "tensorboard", None),
+                                         (cfg.wandb, "--wandb", "wandb", "wandb")):
+        if wanted and importlib.util.find_spec(package) is None:
+            raise missing_package(flag, package, extra)
 
 
 def missing_package(flag: str, package: str, extra: str | None = None) -> UsageError:

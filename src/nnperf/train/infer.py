@@ -63,14 +63,20 @@ def _load_for_predict(path: str) -> tuple[configs.TrainConfig, dict, dict]:
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise UsageError(f"CHECKPOINT {path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
     if isinstance(raw, dict) and raw.get("format") == checkpoint.FORMAT:
+        raw = checkpoint.load(path, "CHECKPOINT")  # the same checks as train --resume
         return configs.build(raw["config"], {"resume": None}), raw["data"], raw["model"]
     run = p.parent.parent
     env = run / "env.json"
     if not (run / "config.yaml").is_file() or not env.is_file():
         raise UsageError(f"CHECKPOINT {path}: bare weights without the run's config.yaml and env.json beside "
                          "checkpoints/; use checkpoints/best.pt")
-    cfg = configs.build(yaml.safe_load((run / "config.yaml").read_text()), {"resume": None})
-    return cfg, json.loads(env.read_text())["data"], raw
+    try:
+        cfg = configs.build(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")), {"resume": None})
+        info = json.loads(env.read_text(encoding="utf-8"))["data"]
+    except (ValueError, yaml.YAMLError, TypeError, KeyError, UsageError) as e:
+        raise UsageError(f"CHECKPOINT {path}: the run's config.yaml or env.json is unreadable "
+                         f"({type(e).__name__}); use checkpoints/best.pt") from None
+    return cfg, info, raw
 
 
 def _image_tensor(path: str, info: dict) -> torch.Tensor:
