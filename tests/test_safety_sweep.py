@@ -128,7 +128,7 @@ INPUT = [
     Case("input-spec-not-utf8", ["sweep", SPEC], 2, ("spec.yaml", "UTF-8"), setup=text(b"study: t\nseed: \xff\xfe\n")),
     Case("input-spec-unknown-keys-of-mixed-types", ["sweep", SPEC], 2, ("spec.yaml", "unknown key(s) 1, colour"),
          setup=text("study: t\ncolour: red\n1: one\n")),
-    Case("input-study-number", ["sweep", SPEC], 2, ("spec.yaml: study", "a int"), setup=spec(study=7)),
+    Case("input-study-number", ["sweep", SPEC], 2, ("spec.yaml: study", "a value of type int"), setup=spec(study=7)),
     Case("input-seed-text", ["sweep", SPEC], 2, ("spec.yaml: seed", "whole number", "'abc'"), setup=spec(seed="abc")),
     Case("input-seed-negative", ["sweep", SPEC], 2, ("spec.yaml: seed", "from 0 to 4294967295"), setup=spec(seed=-1)),
     Case("input-seed-float", ["sweep", SPEC], 2, ("spec.yaml: seed", "1.5"), setup=spec(seed=1.5)),

@@ -105,15 +105,17 @@ def cmd_montage(ns: argparse.Namespace) -> int:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    from . import fileio
-    from .analysis import compare, logs
+    from .analysis import compare, logs, outputs
 
-    frame, differ = compare.side_by_side(logs.sources(ns.paths))
+    srcs = logs.sources(ns.paths)
+    if ns.csv:  # checked before the work, so a bad path costs nothing and replaces nothing
+        outputs.file_target("--csv", ns.csv, outputs.read_paths(srcs, ns.paths), example="compare.csv")
+    frame, differ = compare.side_by_side(srcs)
     print(compare.format_table(frame))
     if not differ:
         print("\n(the configs are identical)")
     if ns.csv:
-        fileio.write_with(ns.csv, lambda tmp: frame.to_csv(tmp, index_label="field"))
+        outputs.write_with(ns.csv, lambda tmp: frame.to_csv(tmp, index_label="field"))
         print(f"wrote {ns.csv}")
     return 0
 
@@ -132,17 +134,27 @@ def cmd_report(ns: argparse.Namespace) -> int:
 def cmd_roofline(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import fileio
-    from .analysis import roofline
+    from .analysis import outputs, roofline
 
-    for flag, value in (("--peak-compute", ns.peak_compute), ("--peak-bw", ns.peak_bw)):
-        if not value > 0:
-            raise UsageError(f"{flag}: must be a positive number, got {value}")
+    # Bounds far beyond any device, so that a typo (1e308, inf, nan) is one line, not a broken plot.
+    for flag, value, high, unit in (("--peak-compute", ns.peak_compute, 1e6, "TFLOP/s"),
+                                    ("--peak-bw", ns.peak_bw, 1e9, "GB/s")):
+        if not 0 < value <= high:  # also false for nan
+            raise UsageError(f"{flag}: must be a positive number, at most {high:g} {unit}, got {value}")
+    if not 0 <= ns.tensor_flops_per_inst <= 1e9:
+        raise UsageError(f"--tensor-flops-per-inst: must be 0 to 1e+09 FLOPs, got {ns.tensor_flops_per_inst}")
+    inputs = [Path(ns.csv)]
+    summary_path = ns.summary or str(Path(ns.out).with_suffix(".csv"))
+    outputs.file_target("--out", ns.out, inputs, example="roofline.png")
+    outputs.file_target("--summary" if ns.summary else "--summary (by default beside --out)", summary_path, inputs,
+                        example="roofline.csv")
+    if Path(summary_path).resolve() == Path(ns.out).resolve():
+        raise UsageError(f"--summary {summary_path}: is the same file as --out; give the plot and the summary "
+                         "different names")
     kernels = roofline.kernels(ns.csv, ns.tensor_flops_per_inst)
     peak_flops, peak_bw = ns.peak_compute * 1e12, ns.peak_bw * 1e9
     table = roofline.summary(kernels, peak_flops, peak_bw)
-    summary_path = ns.summary or str(Path(ns.out).with_suffix(".csv"))
-    fileio.write_with(summary_path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
+    outputs.write_with(summary_path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
     roofline.plot(kernels, peak_flops, peak_bw, ns.out, ns.label)
     shown = table.assign(kernel=table["kernel"].map(roofline.short_name))
     print(shown[["id", "kernel", "intensity_flop_per_byte", "achieved_tflops", "share_of_ceiling", "bound"]]
@@ -154,6 +166,8 @@ def cmd_roofline(ns: argparse.Namespace) -> int:
 def cmd_sweep(ns: argparse.Namespace) -> int:
     if ns.trials is not None and ns.trials < 1:
         raise UsageError(f"--trials: must be 1 or more, got {ns.trials}")
+    if ns.out_dir == "":  # would silently mean the default folder
+        raise UsageError("--out-dir: must name a folder")
     try:
         from .sweep import sweep
     except ImportError as e:
@@ -173,6 +187,11 @@ def cmd_data(ns: argparse.Namespace) -> int:
 
     if ns.per_class < 1:
         raise UsageError(f"--per-class: must be 1 or more, got {ns.per_class}")
+    show.check_out(ns.out)
+    if ns.data:
+        from .names import refuse_overwriting_inputs
+
+        refuse_overwriting_inputs({"--out": ns.out}, [ns.data])
     cfg = configs.build({}, {"dataset": ns.dataset, "data": ns.data})
     ds = data.load(cfg)
     print(show.counts(ds))
@@ -222,13 +241,17 @@ def cmd_test(ns: argparse.Namespace) -> int:
     from . import fileio
     from .train import test, test_line
 
+    if not Path(ns.run_dir).is_dir():
+        raise UsageError(f"RUN_DIR {ns.run_dir}: no such run directory")
     result = test(ns.run_dir, ns.checkpoint, ns.split, ns.device, ns.tta)
     print(test_line(result))
     # Kept beside the run for `nnperf report` and `compare`: the last evaluation of each split.
     path = Path(ns.run_dir) / "test.json"
     try:
-        kept = json.loads(path.read_text())
+        kept = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        kept = {}
+    if not isinstance(kept, dict):
         kept = {}
     kept[result["split"]] = {**result, "checkpoint": str(result["checkpoint"]), "t": time.time()}
     fileio.write_json(path, kept)

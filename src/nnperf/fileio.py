@@ -79,10 +79,24 @@ def atomic_path(path: str | os.PathLike):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        failed = _os_error_behind(e, path) if isinstance(e, Exception) else None
+        if failed is not None:
+            raise failed from None
         raise
+
+
+def _os_error_behind(e: BaseException, path: Path) -> OSError | None:
+    """The OSError behind a failed write (libraries such as torch.save wrap it in a RuntimeError),
+    naming the file the user asked for rather than the temporary one beside it."""
+    seen: BaseException | None = e
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__context__ or seen.__cause__
+    if seen is None or seen.errno is None:
+        return None
+    return OSError(seen.errno, seen.strerror or str(seen), str(path))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -99,6 +113,15 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> None:
     """Atomically write `path` by calling `writer(tmp_path)`."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def write_stream(path: str | os.PathLike, writer: Callable[[Any], Any]) -> None:
+    """Atomically write `path` by calling `writer(binary_file)`: an error of the disk then reaches the
+    caller as the OSError it is (torch.save given a path reports a full disk as a RuntimeError)."""
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            writer(f)
+    write_with(path, to_file)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ..fileio import write_with
+from ..fileio import write_stream
 
 
 def default_dir() -> Path:
@@ -41,7 +41,7 @@ def cached(cache_dir: str | os.PathLike | None, key: object, build: Callable[[],
             pass
     value = build()
     try:
-        write_with(path, lambda tmp: torch.save(value, tmp))
+        write_stream(path, lambda f: torch.save(value, f))
     except OSError:
         pass  # a read-only or full cache folder costs only speed
     return value

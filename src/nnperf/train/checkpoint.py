@@ -8,13 +8,13 @@ import torch
 
 from .. import config as configs
 from ..errors import UsageError
-from ..fileio import write_with
+from ..fileio import write_stream
 
 FORMAT = "nnperf-checkpoint/1"
 
 
 def save(path: str | Path, state: dict) -> None:
-    write_with(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+    write_stream(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
 def load(path: str | Path, flag: str = "--resume") -> dict:

@@ -17,10 +17,10 @@ from tqdm import tqdm
 from .. import config as configs
 from .. import device as devices
 from .. import envinfo
-from .. import telemetry
+from .. import telemetry, track
 from ..telemetry import backends as telemetry_backends
 from ..errors import Diverged, EnvError, Interrupted, UsageError
-from ..fileio import describe_os_error, read_jsonl, write_json, write_jsonl, write_text, write_with
+from ..fileio import describe_os_error, read_jsonl, write_json, write_jsonl, write_stream, write_text
 from . import checkpoint, rundir
 from .build import Hardware, build_model, choose_hardware, eval_batches, load_splits, train_batches
 from .optim import Lookahead, make_optimizer, make_schedule
@@ -98,6 +98,7 @@ def _setup(cfg: configs.TrainConfig, state: dict | None, log: Callable[[str], No
     """Build everything and check it can run; the run directory is made (or reopened) last, so a
     bad setting or file leaves nothing behind."""
     path, fresh = rundir.for_resume(cfg) if state else (rundir.check_new(cfg), True)
+    track.check_installed(cfg)
     hw = choose_hardware(cfg)
     if cfg.optimizer == "sam" and hw.precision.needs_scaler:
         raise UsageError("--optimizer sam: needs --precision fp32 or bf16 on this device, not fp16")
@@ -340,9 +341,10 @@ def _end_epoch(run: Run, log: Callable[[str], None]) -> None:
                        val_losses if run.tracking is not None else None)
         val = {**val, **_energy(run, "val")}
         run.rows.append({"t": time.time(), "epoch": p.epoch + 1, "step": p.global_step, "phase": "val", **val})
-    if (val is not None and not math.isfinite(val["loss"])) or not _weights_finite(run):
-        what = f"the validation loss is {val['loss']}" if val is not None else "the weights are no longer finite"
-        raise Diverged(_diverged(run, p.global_step, what))
+    if not _weights_finite(run):
+        raise Diverged(_diverged(run, p.global_step, "the weights are no longer finite"))
+    if val is not None and not math.isfinite(val["loss"]):
+        raise Diverged(_diverged(run, p.global_step, f"the validation loss is {val['loss']}"))
     write_jsonl(run.dir / "metrics.jsonl", run.rows)
     if run.tracking is not None:
         run.tracking.end_epoch(p.epoch + 1, p.global_step, cfg.batch_size, train_row, val, val_losses)
@@ -448,7 +450,7 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
             _start(run, state, log)
             _train(run, log)
             with run.stop.saving():
-                write_with(run.ckpt_dir / "final_weights.pt", lambda tmp: torch.save(run.model.state_dict(), tmp))
+                write_stream(run.ckpt_dir / "final_weights.pt", lambda f: torch.save(run.model.state_dict(), f))
     except OSError as e:
         _forget_if_unsaved(run)
         raise EnvError(_environment_failed(run, e)) from None
