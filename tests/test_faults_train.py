@@ -169,3 +169,28 @@ def test_read_only_out_dir_is_one_line(run_cli, tmp_path):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "read-only" in lines[0] and "Traceback" not in err
         assert sorted(p.name for p in disk.iterdir()) == ["mine.txt"]
+
+
+def test_resume_a_ctrl_c_checkpoint_with_max_steps(run_cli, tmp_path, monkeypatch):
+    from nnperf.train import loop
+
+    real_step = loop.TrainStep.__call__
+    calls = {"n": 0}
+
+    def step_then_signal(self, x, y):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(loop.TrainStep, "__call__", step_then_signal)
+    assert run_cli("train", *QUIET, "--epochs", "2", "--name", "m")[0] == 128 + signal.SIGINT
+    monkeypatch.setattr(loop.TrainStep, "__call__", real_step)
+    code, out, err = run_cli("train", "--resume", "runs/m/checkpoints/last.pt", "--max-steps", "5")
+    assert code == 0, err
+    assert "FINAL top1" in out and "Traceback" not in err
+    state = torch.load(tmp_path / "runs/m/checkpoints/last.pt", weights_only=True)
+    assert (state["epoch"], state["step"], state["global_step"]) == (0, 5, 5)
+    code, out, err = run_cli("train", "--resume", "runs/m/checkpoints/last.pt")
+    assert code == 0, err
+    assert torch.load(tmp_path / "runs/m/checkpoints/last.pt", weights_only=True)["global_step"] == 12

@@ -266,3 +266,6 @@ def test_sweep_writes_only_its_folder(run_cli, tmp_path, case):
     assert set(made) <= {"sweep.json", "study.db", "results.csv", "trial0000", "trial0001"}, made
     assert {"sweep.json", "results.csv"} <= set(made)
     assert json.loads((folder / "sweep.json").read_text()) == {"study": "u" if "out-dir" in case.id else "t"}
+
+
+CASES = NAMES + INPUT + RUNS  # for tests/count_fault_cases.py

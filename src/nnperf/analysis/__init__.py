@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import fileio
+import pandas as pd
+
 from ..errors import UsageError
-from . import logs, plots, summary
+from . import logs, outputs, plots, summary
+
+SUMMARY = "summary"
 
 
 @dataclass
@@ -19,30 +22,44 @@ class PlotResult:
     written: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     table: str = ""
+    curves: list[Path] = field(default_factory=list)      # the per-epoch curve PNGs
+    telemetry: list[Path] = field(default_factory=list)   # a PNG per telemetry metric
+    summary: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def plot_runs(paths: list[str], out: str | Path, only: list[str] | None = None) -> PlotResult:
-    """One PNG + CSV per telemetry metric, training curves, and summary.csv, all under `out`."""
+def plot_runs(paths: list[str], out: str | Path, only: list[str] | None = None, flag: str = "--out") -> PlotResult:
+    """One PNG + CSV per telemetry metric, training curves, and summary.csv, all under `out`.
+    Nothing is written unless every file it would write is safe to write (`flag` names `out` in
+    the one line that says why not)."""
     srcs = logs.sources(paths)
+    out = outputs.folder_target(flag, out)
     tele, mets = logs.telemetry(srcs), logs.metrics(srcs)
+    if tele.empty and mets.empty:
+        raise UsageError(f"{', '.join(paths)}: the files hold no rows to plot")
     present = logs.metric_columns(tele, plots.ORDER)
     wanted = present if only is None else only
     result = PlotResult(skipped=[m for m in (plots.ORDER if only is None else only) if m not in present])
-    out = Path(out)
     names = [m for m in wanted if m in present]
+    curves = [k for k in plots.CURVES if k in mets.columns and mets[k].notna().any()]
+    curve_stems = {f"curve_{k}" for k in plots.CURVES}
+    stems = plots.file_stems(names, taken=curve_stems | {SUMMARY})
+    planned = ([out / f"{stems[m]}{ext}" for m in names for ext in (".png", ".csv")]
+               + [out / f"curve_{k}.png" for k in curves] + [out / f"{SUMMARY}.csv"])
+    outputs.refuse_writing_over(flag, out, planned, outputs.read_paths(srcs, paths))
     spans = plots.validation_spans(tele) if names else {}
     for metric in names:
-        plots.plot_metric(tele, metric, out / f"{metric}.png", spans)
-        plots.metric_csv(tele, metric, out / f"{metric}.csv")
-        result.written += [out / f"{metric}.png", out / f"{metric}.csv"]
-    for key in plots.CURVES:
-        if key in mets.columns and mets[key].notna().any():
-            plots.plot_curve(mets, key, out / f"curve_{key}.png")
-            result.written.append(out / f"curve_{key}.png")
-    if tele.empty and mets.empty:
-        raise UsageError(f"{', '.join(paths)}: the files hold no rows to plot")
+        png, csv = out / f"{stems[metric]}.png", out / f"{stems[metric]}.csv"
+        plots.plot_metric(tele, metric, png, spans)
+        plots.metric_csv(tele, metric, csv)
+        result.written += [png, csv]
+        result.telemetry.append(png)
+    for key in curves:
+        plots.plot_curve(mets, key, out / f"curve_{key}.png")
+        result.written.append(out / f"curve_{key}.png")
+        result.curves.append(out / f"curve_{key}.png")
     table = summary.summarise(tele, mets, names)
-    fileio.write_with(out / "summary.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.10g"))
-    result.written.append(out / "summary.csv")
+    outputs.write_with(out / f"{SUMMARY}.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.10g"))
+    result.written.append(out / f"{SUMMARY}.csv")
+    result.summary = table
     result.table = summary.format_summary(table, names)
     return result

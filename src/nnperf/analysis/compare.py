@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..errors import UsageError
 from . import logs, plots, runinfo, summary
 
 
@@ -14,6 +15,7 @@ def _fmt(value) -> str:
 def side_by_side(srcs: list[logs.Source]) -> tuple[pd.DataFrame, list[str]]:
     """(table with a row per fact and a column per run, the config keys that differ)."""
     tele, mets = logs.telemetry(srcs), logs.metrics(srcs)
+    _require_rows(srcs, tele, mets)
     names = logs.metric_columns(tele, plots.ORDER)
     table = summary.summarise(tele, mets, names).set_index("run") if len(tele) or len(mets) else pd.DataFrame()
     configs = [runinfo.config(s) for s in srcs]
@@ -37,7 +39,22 @@ def side_by_side(srcs: list[logs.Source]) -> tuple[pd.DataFrame, list[str]]:
         columns[src.label] = col
     frame = pd.DataFrame(columns)
     frame = frame.loc[[i for i in frame.index if frame.loc[i].notna().any()]]
+    if frame.empty:
+        raise UsageError(f"{_where(srcs)}: nothing to compare (no results, times or config in these runs' files)")
     return frame, differ
+
+
+def _where(srcs: list[logs.Source]) -> str:
+    return ", ".join(str(s.run_dir or s.metrics or s.telemetry[0]) for s in srcs)
+
+
+def _require_rows(srcs: list[logs.Source], tele: pd.DataFrame, mets: pd.DataFrame) -> None:
+    """One line naming the runs whose logs hold no rows: a column of dashes compares nothing."""
+    have = set(tele.get("run", [])) | set(mets.get("run", []))
+    empty = [s for s in srcs if s.label not in have]
+    if empty:
+        raise UsageError(f"{_where(empty)}: nothing to compare: no metrics or telemetry rows "
+                         f"(an empty or unfinished run?); leave {'it' if len(empty) == 1 else 'them'} out")
 
 
 def format_table(frame: pd.DataFrame) -> str:

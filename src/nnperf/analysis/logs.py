@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.json as pa_json
@@ -21,6 +23,10 @@ from ..errors import UsageError
 
 # Columns that say where a row belongs rather than what was measured.
 BOOKKEEPING = {"t", "run", "phase", "epoch", "step", "device", "backend", "elapsed_s", "source"}
+# Fields that hold text, and fields that hold numbers, in DESIGN.md's telemetry and metrics rows.
+TEXT_FIELDS = {"phase"}
+NUMBER_FIELDS = {"t", "epoch", "step", "loss", "top1", "top5", "lr", "images", "seconds", "images_per_s",
+                 "data_wait_s", "energy_j"}
 TIME_KEYS = ("t", "timestamp", "time", "ts")
 PHASE_FILES = {"train_epoch": "train", "val_epoch": "val", "test_epoch": "test"}
 
@@ -44,6 +50,8 @@ def sources(paths: list[str]) -> list[Source]:
             raise UsageError(f"{given}: no such file or directory (give a run directory or a .jsonl file)")
         if path.is_dir():
             found.append(_from_dir(path))
+        elif not path.is_file():  # a FIFO or a device would block the reader or never end
+            raise UsageError(f"{given}: not a regular file (give a run directory or a .jsonl file)")
         elif path.suffix == ".jsonl":
             label = _label_for_file(path)
             found.append(Source(label, metrics=path) if path.name == "metrics.jsonl" else Source(label, [path]))
@@ -53,10 +61,10 @@ def sources(paths: list[str]) -> list[Source]:
 
 
 def _from_dir(path: Path) -> Source:
-    telemetry = sorted((path / "telemetry").glob("*.jsonl")) or sorted(
-        p for p in path.glob("*.jsonl") if p.name != "metrics.jsonl")
+    telemetry = sorted(p for p in (path / "telemetry").glob("*.jsonl") if p.is_file()) or sorted(
+        p for p in path.glob("*.jsonl") if p.name != "metrics.jsonl" and p.is_file())
     metrics = path / "metrics.jsonl"
-    src = Source(path.resolve().name, telemetry, metrics if metrics.exists() else None, path)
+    src = Source(path.resolve().name, telemetry, metrics if metrics.is_file() else None, path)
     if not src.telemetry and src.metrics is None:
         raise UsageError(f"{path}: no metrics.jsonl or telemetry/*.jsonl in this folder (is it a run directory?)")
     return src
@@ -105,7 +113,7 @@ def read_jsonl_frame(path: Path) -> pd.DataFrame:
         try:
             json.loads(tail)
             complete = raw + b"\n"
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     if not complete.strip():
         return pd.DataFrame()
@@ -117,30 +125,74 @@ def read_jsonl_frame(path: Path) -> pd.DataFrame:
     for line in raw.decode("utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than Python parses
             continue
         if isinstance(row, dict):
             rows.append(row)
     return pd.DataFrame.from_records(rows)
 
 
+def _is_number_column(column: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+
+
+# What pandas infers for a column of only numbers and strings: pd.to_numeric handles it at C speed.
+_PLAIN = {"string", "integer", "floating", "mixed-integer", "mixed-integer-float", "decimal", "empty"}
+
+
+def _as_number(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return math.nan
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return math.nan
+
+
+def _numbers(column: pd.Series) -> pd.Series:
+    """Floats from a column of JSON values: numbers, and strings that spell one; anything else
+    (text, objects, lists, true/false, infinities) is absent, never 0."""
+    if _is_number_column(column):
+        numbers = column.astype(float)
+    elif pd.api.types.infer_dtype(column, skipna=True) in _PLAIN:
+        numbers = pd.to_numeric(column, errors="coerce").astype(float)
+    else:  # objects, lists or true/false among them: one value at a time
+        numbers = column.map(_as_number).astype(float)
+    return numbers.where(np.isfinite(numbers))
+
+
 def _seconds(column: pd.Series) -> pd.Series:
-    """Unix seconds from numbers or from ISO timestamps."""
-    if pd.api.types.is_numeric_dtype(column):
-        return column.astype(float)
-    stamps = pd.to_datetime(column, errors="coerce", utc=True)
+    """Unix seconds from numbers or from ISO timestamps (a value that is neither is absent)."""
+    if pd.api.types.is_datetime64_any_dtype(column):  # Arrow's reader parses ISO timestamps itself
+        stamps = pd.to_datetime(column, utc=True)
+        return (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+    numbers = _numbers(column)
+    if _is_number_column(column) or numbers.notna().sum() * 2 > column.notna().sum():
+        return numbers
+    text = column.where(column.map(lambda v: isinstance(v, str)))
+    stamps = pd.to_datetime(text, errors="coerce", utc=True)
     return (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
 
 
-def _numbers_from_text(df: pd.DataFrame) -> None:
-    """Older logs wrote "N/A" or numbers as strings; a column that is mostly numbers becomes numeric
-    with the rest absent (never 0)."""
+def _tidy(df: pd.DataFrame) -> None:
+    """Make a table from copied or hand-edited logs safe to compute on. A field that should be a
+    number but holds text, an object or a list in some rows (the fallback reader keeps such rows)
+    has those values absent; a label field (phase) that is not text is absent too. Older logs
+    wrote "N/A" or numbers as strings, so any other column that is mostly numbers becomes numeric."""
     for col in df.columns:
-        if col in BOOKKEEPING or pd.api.types.is_numeric_dtype(df[col]):
-            continue
-        numbers = pd.to_numeric(df[col], errors="coerce")
-        if numbers.notna().sum() * 2 > df[col].notna().sum():
-            df[col] = numbers
+        column = df[col]
+        if col in TEXT_FIELDS:
+            if pd.api.types.infer_dtype(column, skipna=True) not in ("string", "empty"):
+                df[col] = column.where(column.map(lambda v: isinstance(v, str)))
+        elif col in NUMBER_FIELDS:
+            if not _is_number_column(column) or column.dtype.kind == "f":
+                df[col] = _numbers(column)
+        elif col not in BOOKKEEPING and not _is_number_column(column):
+            numbers = _numbers(column)
+            if numbers.notna().sum() * 2 > column.notna().sum():
+                df[col] = numbers
+        elif column.dtype.kind == "f" and col not in BOOKKEEPING:
+            df[col] = column.where(np.isfinite(column))  # Infinity (Python's json writes it) is no value
 
 
 def telemetry(srcs: list[Source]) -> pd.DataFrame:
@@ -156,10 +208,10 @@ def telemetry(srcs: list[Source]) -> pd.DataFrame:
             if time_key is None:
                 raise UsageError(f"{path}: rows have no time field ({' or '.join(TIME_KEYS)})")
             df["t"] = _seconds(df.pop(time_key))
+            _tidy(df)
             hint = PHASE_FILES.get(path.stem, path.stem)
             df["phase"] = df["phase"].fillna(hint) if "phase" in df.columns else hint
             df["run"] = src.label
-            _numbers_from_text(df)
             if "device" not in df.columns:
                 df["device"] = ""
             frames.append(df)
@@ -180,11 +232,16 @@ def metrics(srcs: list[Source]) -> pd.DataFrame:
             continue
         df = read_jsonl_frame(src.metrics)
         if not df.empty:
+            _tidy(df)
             df["run"] = src.label
             frames.append(df)
     if not frames:
         return pd.DataFrame(columns=["run", "epoch", "phase"])
-    return pd.concat(frames, ignore_index=True)
+    df = pd.concat(frames, ignore_index=True)
+    for col in ("epoch", "phase"):  # every reader of the table groups or sorts by them
+        if col not in df.columns:
+            df[col] = np.nan if col == "epoch" else None
+    return df
 
 
 def metric_columns(df: pd.DataFrame, order: tuple[str, ...] = ()) -> list[str]:

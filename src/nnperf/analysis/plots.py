@@ -13,7 +13,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.csv as pa_csv  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .. import fileio  # noqa: E402
+from .. import names  # noqa: E402
+from . import outputs  # noqa: E402
 
 # Telemetry metrics in the order people read them, with a title (units come from the name's suffix).
 TITLES = {
@@ -31,6 +32,30 @@ ORDER = tuple(TITLES)
 UNITS = {"_pct": "%", "_mb": "MB", "_w": "W", "_j": "J", "_c": "°C", "_mhz": "MHz", "_kbps": "kB/s", "_s": "s"}
 CURVES = {"loss": "Loss", "top1": "Top-1 accuracy", "top5": "Top-5 accuracy", "lr": "Learning rate"}
 MAX_POINTS = 1600  # per line: a min and a max per pixel column of the plot; more only slows drawing
+
+
+def file_stems(metrics: list[str], taken: set[str] = frozenset()) -> dict[str, str]:
+    """{metric: file name stem}. Metric keys come from the logs, which may be copied or edited, so
+    each is made a safe single name (never '..' or a '/'), and two keys that end up alike (also
+    when they differ only in case, as on a case-insensitive disk) or like a name in `taken` get
+    '-2', '-3', ... rather than writing over each other."""
+    used = {t.lower() for t in taken}
+    stems = {}
+    for metric in metrics:
+        base = names.safe_component(metric, fallback="metric")
+        stem, n = base, 1
+        while stem.lower() in used:
+            n += 1
+            stem = f"{base}-{n}"
+        used.add(stem.lower())
+        stems[metric] = stem
+    return stems
+
+
+def text(value: object) -> str:
+    """Text from the data for a title or legend: a '$' would start matplotlib's maths notation, and
+    a bad formula fails the whole figure."""
+    return str(value).replace("$", r"\$")
 
 
 def unit(metric: str) -> str:
@@ -71,7 +96,7 @@ def phase_spans(run_rows: pd.DataFrame, phase: str = "val") -> list[tuple[float,
 
 
 def series_label(run: str, device: str, several_devices: bool) -> str:
-    return f"{run} · {device}" if several_devices and device else run
+    return text(f"{run} · {device}" if several_devices and device else run)
 
 
 def validation_spans(df: pd.DataFrame) -> dict[str, list[tuple[float, float]]]:
@@ -92,9 +117,9 @@ def plot_metric(df: pd.DataFrame, metric: str, path: Path, spans_by_run: dict | 
     for start, end in sorted(spans):
         ax.axvspan(start, max(end, start + 1e-3), color="grey", alpha=0.15, linewidth=0,
                    label="validation (shaded)" if (start, end) == min(spans) else None)
-    ax.set_title(f"{title(metric)}" + (f" — {rows['run'].iloc[0]}" if rows["run"].nunique() == 1 else ""))
+    ax.set_title(text(f"{title(metric)}" + (f" — {rows['run'].iloc[0]}" if rows["run"].nunique() == 1 else "")))
     ax.set_xlabel("Time since start (s)")
-    ax.set_ylabel(axis_label(metric))
+    ax.set_ylabel(text(axis_label(metric)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     _save(fig, path)
@@ -110,7 +135,7 @@ def plot_curve(metrics: pd.DataFrame, key: str, path: Path) -> None:
             if rows.empty:
                 continue
             (line,) = ax.plot(rows["epoch"], rows[key], style, marker="o", markersize=3, color=colour,
-                              label=f"{run} {phase}" if key != "lr" else run)
+                              label=text(f"{run} {phase}" if key != "lr" else run))
             colour = line.get_color()
     ax.set_title(CURVES.get(key, key) + (" per epoch" if key != "lr" else " at the end of each epoch"))
     ax.set_xlabel("Epoch")
@@ -127,12 +152,14 @@ def _save(fig, path: Path) -> None:
     # Fixed margins that fit the longest labels: tight_layout would draw every figure twice.
     width = fig.get_figwidth()
     fig.subplots_adjust(left=0.95 / width, right=1 - 0.15 / width, top=0.9, bottom=0.14)
-    fileio.write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    try:
+        outputs.write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def metric_csv(df: pd.DataFrame, metric: str, path: Path) -> None:
     cols = [c for c in ("run", "device", "phase", "epoch", "step", "t", "elapsed_s") if c in df.columns]
     rows = pa.Table.from_pandas(df.loc[df[metric].notna(), cols + [metric]], preserve_index=False)
     # Arrow's writer: ~7x faster than DataFrame.to_csv on million-row logs.
-    fileio.write_with(path, lambda tmp: pa_csv.write_csv(rows, tmp))
+    outputs.write_with(path, lambda tmp: pa_csv.write_csv(rows, tmp))

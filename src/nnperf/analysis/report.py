@@ -5,14 +5,14 @@ from __future__ import annotations
 import base64
 import html
 import json
+import numbers
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from .. import fileio
-from . import compare, logs, plot_runs, runinfo, summary
+from . import compare, logs, outputs, plot_runs, runinfo, summary
 
 CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1180px;
@@ -40,6 +40,11 @@ def _num(value, digits: int = 3) -> str:
     return summary.figure(value, digits)  # plain text: the caller escapes it once
 
 
+def _fixed(value) -> str:
+    """Three decimals, or '-' when the run's files did not give a number."""
+    return f"{value:.3f}" if isinstance(value, numbers.Real) and not isinstance(value, bool) else "-"
+
+
 def _table(frame: pd.DataFrame, index_label: str = "") -> str:
     head = "".join(f"<th>{_esc(c)}</th>" for c in [index_label, *frame.columns])
     body = []
@@ -52,7 +57,8 @@ def _table(frame: pd.DataFrame, index_label: str = "") -> str:
 
 
 def _kv_table(pairs: dict) -> str:
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(json.dumps(v) if isinstance(v, (dict, list)) else v)}</td></tr>"
+    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(json.dumps(v, default=str) if isinstance(v, (dict, list)) else v)}"
+                   "</td></tr>"
                    for k, v in pairs.items())
     return f"<table><tbody>{rows}</tbody></table>"
 
@@ -81,7 +87,7 @@ def _run_section(src: logs.Source, plots_dir: Path) -> str:
     mets = logs.metrics([src])
     cfg, env = runinfo.config(src), runinfo.env(src)
     best, tests = runinfo.final(mets), runinfo.test_results(src)
-    summary = pd.read_csv(next(p for p in result.written if p.name == "summary.csv")).iloc[0].to_dict()
+    summary = result.summary.iloc[0].to_dict() if len(result.summary) else {}
     items = [("FINAL top-1", _num(best.get("top1"), 4)), ("FINAL top-5", _num(best.get("top5"), 4)),
              ("best epoch", _num(best.get("epoch")))]
     items += [(f"TEST top-1 ({split})", _num(r.get("top1"), 4)) for split, r in tests.items()]
@@ -89,16 +95,16 @@ def _run_section(src: logs.Source, plots_dir: Path) -> str:
               ("energy", f"{_num(summary.get('energy_j'))} J" if pd.notna(summary.get("energy_j")) else "not reported"),
               ("energy/epoch", f"{_num(summary.get('energy_per_epoch_j'))} J"
                if pd.notna(summary.get("energy_per_epoch_j")) else "-")]
-    curves = [p for p in result.written if p.suffix == ".png" and p.name.startswith("curve_")]
-    telemetry = [p for p in result.written if p.suffix == ".png" and not p.name.startswith("curve_")]
+    curves, telemetry = result.curves, result.telemetry
     env_shown = {k: v for k, v in env.items() if k not in ("data", "telemetry")}
     parts = [f'<section class="run"><h2>Run: {_esc(src.label)}</h2>', _headline(items)]
     if best:
-        parts.append(f"<p>FINAL top1 {best['top1']:.3f}, top5 {best.get('top5', float('nan')):.3f}, "
-                     f"loss {best.get('loss', float('nan')):.3f} (epoch {int(best['epoch'])})</p>")
+        epoch = f" (epoch {int(best['epoch'])})" if "epoch" in best else ""
+        parts.append(f"<p>FINAL top1 {_fixed(best.get('top1'))}, top5 {_fixed(best.get('top5'))}, "
+                     f"loss {_fixed(best.get('loss'))}{epoch}</p>")
     for split, r in tests.items():
-        parts.append(f"<p>TEST ({_esc(split)}) top1={r['top1']:.3f} top5={r.get('top5', float('nan')):.3f} "
-                     f"loss={r.get('loss', float('nan')):.3f}</p>")
+        parts.append(f"<p>TEST ({_esc(split)}) top1={_fixed(r.get('top1'))} top5={_fixed(r.get('top5'))} "
+                     f"loss={_fixed(r.get('loss'))}</p>")
     parts.append("<h3>Training curves</h3>" + ('<div class="plots">' + "".join(_img(p, p.stem) for p in curves)
                                                 + "</div>" if curves else '<p class="note">No metrics.jsonl.</p>'))
     parts.append(_energy_table(mets))
@@ -116,6 +122,7 @@ def write_report(paths: list[str], out: str | Path, keep_plots: bool = False) ->
     """Build the report for the runs at `paths` and write it atomically to `out`; with `keep_plots`
     each run's PNGs and CSVs also stay in its RUN_DIR/plots."""
     srcs = logs.sources(paths)
+    out = outputs.file_target("--out", out, outputs.read_paths(srcs, paths), example="report.html")
     title = "nnperf report: " + ", ".join(s.label for s in srcs)
     body = [f"<h1>{_esc(title)}</h1>",
             f'<p class="note">Written {time.strftime("%Y-%m-%d %H:%M:%S")} from {len(srcs)} run(s).</p>']
@@ -134,5 +141,5 @@ def write_report(paths: list[str], out: str | Path, keep_plots: bool = False) ->
             body.append(_run_section(src, src.run_dir / "plots" if keep else work / f"run{i}"))
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-    fileio.write_text(out, page)
-    return Path(out)
+    outputs.write_with(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return out

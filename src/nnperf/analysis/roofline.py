@@ -30,7 +30,9 @@ DRAM_TOTAL = "dram__bytes.sum"
 DRAM_PARTS = (("dram__bytes_read.sum", "dram__bytes_write.sum"),
               ("dram__bytes_op_read.sum", "dram__bytes_op_write.sum"))
 DURATION = "gpu__time_duration.sum"
+LONG_COLUMNS = ("ID", "Kernel Name", "Metric Name", "Metric Value")
 CYCLES, CLOCK = "smsp__cycles_elapsed.avg", "smsp__cycles_elapsed.avg.per_second"
+USED = (*FLOP_COUNTERS, TENSOR, DRAM_TOTAL, *(p for parts in DRAM_PARTS for p in parts), DURATION, CYCLES, CLOCK)
 SCALE = {"": 1, "byte": 1, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "tbyte": 1e12,
          "ns": 1e-9, "nsecond": 1e-9, "us": 1e-6, "usecond": 1e-6, "ms": 1e-3, "msecond": 1e-3,
          "s": 1, "second": 1, "inst": 1, "cycle": 1, "cycle/second": 1, "cycle/nsecond": 1e9,
@@ -66,6 +68,8 @@ def _number(text: str) -> float | None:
 
 def _csv_rows(path: Path) -> list[list[str]]:
     """The CSV part of a capture: from the header line (the first starting with "ID") to the end."""
+    if path.exists() and not path.is_file():  # a folder, or a pipe that would block the reader
+        raise UsageError(f"{path}: not a regular file (give an `ncu --csv` export)")
     try:
         text = path.read_text(encoding="utf-8-sig", errors="replace")
     except OSError as e:
@@ -87,6 +91,10 @@ def read_metrics(path: str | Path) -> dict[tuple[str, str], dict[str, float]]:
     if "Metric Name" in header:  # long "details" page
         col = {name: header.index(name) for name in ("ID", "Kernel Name", "Metric Name", "Metric Unit",
                                                      "Metric Value") if name in header}
+        lacking = [name for name in LONG_COLUMNS if name not in col]
+        if lacking:
+            raise UsageError(f"{path}: the CSV header has no {', '.join(repr(n) for n in lacking)} column; "
+                             "export the details page with `ncu --csv --page details ...`")
         for row in rows[1:]:
             if len(row) < len(header):
                 continue
@@ -125,6 +133,19 @@ def _missing(m: dict[str, float]) -> list[str]:
     return missing
 
 
+def _check_counters(path, kid: str, name: str, m: dict[str, float]) -> None:
+    """A counter that is negative or not finite means a broken export (or an edited one): refused,
+    since any FLOPs, bytes or time computed from it would be wrong."""
+    for metric in USED:
+        value = m.get(metric)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{path}: kernel {kid} ({name[:60]}) has {metric} = {value:g}; a counter must be a "
+                             "finite number, 0 or more (export the capture again)")
+    if CLOCK in m and DURATION not in m and not m[CLOCK] > 0:
+        raise UsageError(f"{path}: kernel {kid} ({name[:60]}) has {CLOCK} = 0, so its time is unknown; "
+                         f"export {DURATION} too")
+
+
 def kernels(path: str | Path, tensor_flops_per_inst: float = 4096) -> list[Kernel]:
     """Every kernel launch in the export, or a UsageError naming the metrics it lacks."""
     found = read_metrics(path)
@@ -136,10 +157,14 @@ def kernels(path: str | Path, tensor_flops_per_inst: float = 4096) -> list[Kerne
         if missing:
             raise UsageError(f"{path}: kernel {kid} ({name[:60]}) lacks {'; '.join(missing)}; "
                              "profile with the roofline metrics (ncu --set roofline, or --metrics with them)")
+        _check_counters(path, kid, name, m)
         flops = sum(m.get(c, 0.0) * k for c, k in FLOP_COUNTERS.items()) + m.get(TENSOR, 0.0) * tensor_flops_per_inst
         dram = m[DRAM_TOTAL] if DRAM_TOTAL in m else next(sum(m[p] for p in parts) for parts in DRAM_PARTS
                                                           if all(p in m for p in parts))
         seconds = m[DURATION] if DURATION in m else m[CYCLES] / m[CLOCK]
+        if not all(math.isfinite(v) for v in (flops, dram, seconds)):
+            raise UsageError(f"{path}: kernel {kid} ({name[:60]}) has counters too large to add up "
+                             f"(FLOPs {flops:g}, bytes {dram:g}, seconds {seconds:g}); export the capture again")
         out.append(Kernel(kid, name, flops, dram, seconds))
     return out
 
@@ -171,7 +196,8 @@ def plot(ks: list[Kernel], peak_flops: float, peak_bw: float, out: str | Path, l
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .. import fileio
+    from . import outputs
+    from .plots import text as _text  # a '$' in a kernel name or --label is not maths notation
 
     ridge = peak_flops / peak_bw
     placed = [k for k in ks if k.flops > 0 and 0 < k.intensity < math.inf and k.seconds > 0]
@@ -183,12 +209,14 @@ def plot(ks: list[Kernel], peak_flops: float, peak_bw: float, out: str | Path, l
               label=f"roof: {peak_flops / 1e12:g} TFLOP/s, {peak_bw / 1e9:g} GB/s")
     ax.axvline(ridge, color="grey", linestyle=":", linewidth=1, label=f"ridge {ridge:.1f} FLOP/byte")
     for k in placed:
-        ax.scatter(k.intensity, k.flops_per_s / 1e12, s=36, zorder=3, label=f"{k.id}: {short_name(k.name)}")
+        ax.scatter(k.intensity, k.flops_per_s / 1e12, s=36, zorder=3, label=_text(f"{k.id}: {short_name(k.name)}"))
     ax.set_xlabel("Arithmetic intensity (FLOP per DRAM byte)")
     ax.set_ylabel("Performance (TFLOP/s)")
-    ax.set_title(f"Roofline{f' — {label}' if label else ''}")
+    ax.set_title(_text(f"Roofline{f' — {label}' if label else ''}"))
     ax.grid(which="both", alpha=0.25)
     ax.legend(fontsize=7, loc="lower right")
     fig.subplots_adjust(left=0.11, right=0.97, top=0.92, bottom=0.12)
-    fileio.write_with(out, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    try:
+        outputs.write_with(out, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
