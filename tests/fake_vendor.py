@@ -120,3 +120,24 @@ def fake_amdsmi(rocm: str = "6.0", activity_na: bool = False):
                                                  "min_clk": 500, "max_clk": 2500}
     lib.amdsmi_get_gpu_vram_usage = lambda h: {"vram_total": 16368, "vram_used": 9120}
     return lib
+
+
+def fake_tool(folder, name: str, output: str = "", delay_s: float = 0.0, hang: bool = False):
+    """An executable `name` in `folder` standing in for a vendor command-line tool (put `folder` first on
+    PATH). Each call appends its process id to `folder/NAME.pids`, then prints `output` after `delay_s`;
+    or, with `hang`, starts a child that never ends (its id goes to the file too) and waits forever
+    itself, like a tool stuck in a driver call that had spawned a helper (which keeps the output pipe
+    open after the tool is gone)."""
+    pids = folder / f"{name}.pids"
+    lines = ["#!/bin/sh", f'echo $$ >> "{pids}"']
+    if hang:
+        lines += ["sleep 1000 &", f'echo $! >> "{pids}"', "exec sleep 1000"]
+    else:
+        answer = folder / f"{name}.out"
+        answer.write_text(output)
+        lines += [f"sleep {delay_s}"] if delay_s else []
+        lines.append(f'cat "{answer}"')
+    tool = folder / name
+    tool.write_text("\n".join(lines) + "\n")
+    tool.chmod(0o755)
+    return pids

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import time
 from pathlib import Path
 
@@ -42,9 +41,10 @@ class profile:  # noqa: N801 - used like a function: @profile(...) / with profil
         self.sampler.stop()
         row = {"t": time.time(), "phase": self.phase, "duration_s": time.time() - self.started,
                "ok": exc_type is None}
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.out, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        # Through the sampler's writer, after its last samples: a file it could not write (one warning
+        # already) is not written again, and a failure never replaces the wrapped code's own outcome.
+        self.sampler.writer.write(self.phase, row)
+        self.sampler.writer.close()
 
     def __call__(self, fn):
         @functools.wraps(fn)

@@ -1,13 +1,17 @@
-"""The sampler: a background thread that asks each backend for a sample every interval and writes one
-JSON line per (backend, sample), tagged with the phase, epoch and step the training loop is in.
+"""The sampler: a background thread that samples the in-process backends every interval and writes one
+JSON line per (backend, sample), tagged with the phase, epoch and step the training loop was in.
 
 One direction only: the loop tells the sampler where it is (`set_phase`, a plain assignment that never
-blocks); the sampler never calls back. Each backend runs in its own worker thread, so a backend that
-hangs is abandoned after a bounded wait instead of stopping the others (or the process's exit).
+blocks); the sampler never calls back. Each backend that may block (a driver call, a vendor tool) samples
+on its own schedule in its own worker thread, so a slow one never delays the others, and one that hangs
+is abandoned after a bounded wait (its tool killed) instead of stopping the others or the process's
+exit. Rows are written by the sampler thread alone; a file that cannot be written switches the files off
+with one warning, never the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import sys
@@ -16,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..fileio import describe_os_error
 from .backends.base import Backend, clean
 from .energy import EnergyMeter
 
@@ -28,68 +33,146 @@ def phase_file(folder: Path, phase: str) -> Path:
     return folder / (f"{phase}_epoch.jsonl" if phase in ("train", "val") else f"{phase}.jsonl")
 
 
+def next_tick(due: float, interval_s: float) -> float:
+    """The tick after `due`; one already missed (a stalled thread) is skipped rather than made up in a burst."""
+    due += interval_s
+    now = time.monotonic()
+    return due if due >= now else now + interval_s
+
+
 class JsonlWriter:
     """Appends rows to one file per phase; each row is one write of a whole line, flushed, so a crash
-    leaves at most one torn last line (which the reader skips)."""
+    leaves at most one torn last line (which the reader skips).
 
-    def __init__(self, path_for: Callable[[str], Path]):
+    Telemetry is never worth a run: the first OSError (disk full, read-only or vanished folder) switches
+    the writer off with one warning, and later rows are dropped."""
+
+    def __init__(self, path_for: Callable[[str], Path], warn: Callable[[str], None]):
         self.path_for = path_for
+        self.warn = warn
         self.files = {}
+        self.failed: str | None = None
 
     def write(self, phase: str, row: dict) -> None:
+        if self.failed is not None:
+            return
+        try:
+            self._append(phase, json.dumps(row, separators=(",", ":")) + "\n")
+        except OSError as e:
+            self._switch_off(phase, e)
+
+    def _append(self, phase: str, line: str) -> None:
         f = self.files.get(phase)
         if f is None:
             path = self.path_for(phase)
             path.parent.mkdir(parents=True, exist_ok=True)
             f = self.files[phase] = open(path, "a", encoding="utf-8")
-        f.write(json.dumps(row, separators=(",", ":")) + "\n")
+        f.write(line)
         f.flush()
+
+    def _switch_off(self, phase: str, e: OSError) -> None:
+        if e.filename is None:  # a failed write or flush does not say which file
+            e.filename = str(self.path_for(phase))
+        self.failed = describe_os_error(e)
+        self.warn(f"cannot write telemetry ({self.failed}); no more telemetry rows are written, training goes on")
+        self.close()
 
     def close(self) -> None:
         for f in self.files.values():
-            f.close()
+            with contextlib.suppress(OSError):  # flushing what a failed write left buffered fails again
+                f.close()
         self.files.clear()
 
 
 class _Worker:
-    """One backend and the daemon thread that calls it; tracks failures and its own CPU time.
+    """One backend, its failures and its CPU time; for a backend that may block, also the daemon thread
+    that samples it on its own schedule.
 
-    A daemon thread, not a thread pool: a backend stuck in a driver call must not keep the process
-    from exiting when training ends."""
+    Its own thread and schedule, so that a slow source (a tool taking 1.5 s per answer) never holds up
+    the others; a daemon thread, not a pool, so that one stuck in a driver call cannot keep the process
+    from exiting. The thread only queues what it sampled: the sampler thread collects, judges and writes,
+    and calls the backend stuck when one call outlasts the timeout."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
         self.errors = 0
         self.disabled: str | None = None
+        self.abandoned = False
         self.cpu_s = 0.0
-        self.requests: queue.SimpleQueue = queue.SimpleQueue()
-        self.results: queue.SimpleQueue = queue.SimpleQueue()
         self.may_hang = getattr(backend, "may_hang", True)
+        self.results: queue.SimpleQueue = queue.SimpleQueue()  # (t, where, ok, sample or exception)
+        self.busy_since: float | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, where: Callable[[], tuple], interval_s: float, stop: threading.Event) -> None:
+        """In-process reads (may_hang False) are called by the sampler thread itself: no thread."""
         if self.may_hang:
-            threading.Thread(target=self._serve, name=f"nnperf-{backend.name}", daemon=True).start()
+            self.thread = threading.Thread(target=self._serve, args=(where, interval_s, stop),
+                                           name=f"nnperf-{self.backend.name}", daemon=True)
+            self.thread.start()
 
-    def _serve(self) -> None:
-        while self.requests.get():
+    def _serve(self, where: Callable[[], tuple], interval_s: float, stop: threading.Event) -> None:
+        due = time.monotonic()
+        while not stop.wait(max(0.0, due - time.monotonic())) and self.disabled is None:
             start = time.thread_time()
-            try:
-                self.results.put((True, self.backend.sample()))
-            except BaseException as e:  # noqa: BLE001 - handed to the sampler thread to judge
-                self.results.put((False, e))
-            finally:
-                self.cpu_s += time.thread_time() - start
+            self.results.put(self._call(where()))
+            self.cpu_s += time.thread_time() - start
+            due = next_tick(due, interval_s)
 
-    def ask(self, timeout_s: float) -> dict:
-        """The backend's sample; raises its exception, or queue.Empty after `timeout_s`."""
-        if not self.may_hang:  # in-process reads: called directly (the sampler thread's CPU time covers it)
-            return self.backend.sample()
-        self.requests.put(True)
-        ok, value = self.results.get(timeout=timeout_s)
-        if not ok:
-            raise value
-        return value
+    def _call(self, where: tuple) -> tuple:
+        """(t, where, ok, sample or exception) of one sample(); t and where are those of its start."""
+        t = time.time()
+        self.busy_since = time.monotonic()
+        try:
+            return t, where, True, self.backend.sample()
+        except BaseException as e:  # noqa: BLE001 - handed to the sampler thread to judge
+            return t, where, False, e
+        finally:
+            self.busy_since = None
 
-    def stop(self) -> None:
-        self.requests.put(False)
+    def collect(self) -> list[tuple]:
+        """What the thread sampled since the last call, oldest first; never waits."""
+        out = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                out.append(self.results.get_nowait())
+        return out
+
+    def stuck_s(self) -> float:
+        busy = self.busy_since
+        return time.monotonic() - busy if busy is not None else 0.0
+
+    def abandon(self) -> None:
+        """Give up on the call in flight (it is stuck)."""
+        self.abandoned = True
+        self._end_call()
+
+    def _end_call(self) -> None:
+        # A backend that runs a tool kills it, and every process it started, now; others cannot be ended.
+        if self.endable:
+            with contextlib.suppress(Exception):  # giving up must never fail the run
+                self.backend.abandon()
+
+    @property
+    def endable(self) -> bool:
+        return callable(getattr(self.backend, "abandon", None))
+
+    def finish(self, deadline: float) -> None:
+        """After the stop event: end a tool still running, then give the thread until `deadline` to
+        return (no time at all to one stuck in a call that cannot be ended)."""
+        if self.thread is None:
+            return
+        if self.busy_since is not None:
+            self._end_call()  # a tool mid-call is not worth waiting for when sampling ends
+        if self.endable or not self.abandoned:
+            self.thread.join(max(0.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            self._end_call()  # still inside sample(): closing under it could block stop() itself
+            return
+        with contextlib.suppress(Exception):  # closing must never fail the run
+            self.backend.close()
 
 
 class Sampler:
@@ -103,16 +186,17 @@ class Sampler:
         if interval_s < MIN_INTERVAL_S:
             raise ValueError(f"interval must be at least {MIN_INTERVAL_S}s, got {interval_s}")
         path_for = out if callable(out) else (lambda phase, folder=Path(out): phase_file(folder, phase))
-        self.writer = JsonlWriter(path_for)
+        self.warn = warn or (lambda msg: print(f"nnperf telemetry: {msg}", file=sys.stderr))
+        self.writer = JsonlWriter(path_for, self.warn)
         self.workers = [_Worker(b) for b in backends]
         self.interval_s = interval_s
         self.timeout_s = timeout_s if timeout_s is not None else max(2.0, 4 * interval_s)
         self.run = run
-        self.warn = warn or (lambda msg: print(f"nnperf telemetry: {msg}", file=sys.stderr))
         self.energy = EnergyMeter()
         self._where: tuple[str, int | None, int | None] = ("idle", None, None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stopped = False
         self.own_cpu_s = 0.0
         self.samples = 0
 
@@ -122,22 +206,32 @@ class Sampler:
         self._where = (phase, epoch, step)  # one reference assignment: atomic under the GIL
 
     def start(self) -> "Sampler":
+        for w in self.workers:
+            w.start(lambda: self._where, self.interval_s, self._stop)
         self._thread = threading.Thread(target=self._loop, name="nnperf-sampler", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop sampling, write what is pending and release the backends (safe to call twice)."""
+        """Stop sampling, write what was sampled, kill the vendor tools still running and release the
+        backends. Never raises: telemetry must not fail the run. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.timeout_s + 1)
+            self._thread.join(timeout=self.timeout_s + 1)  # it never waits on a backend: this is quick
             self._thread = None
+        deadline = time.monotonic() + self.timeout_s
         for w in self.workers:
-            w.stop()
-            try:
-                w.backend.close()
-            except Exception:  # noqa: BLE001 - closing must never fail the run
-                pass
+            w.finish(deadline)
+        try:
+            for w in self.workers:
+                self._collect(w, final=True)
+        except Exception as e:  # noqa: BLE001 - the last rows are not worth an exception out of stop()
+            self.warn(f"last samples lost: {type(e).__name__}: {e}")
+        for w in self.workers:
+            w.close()
         self.writer.close()
 
     def __enter__(self) -> "Sampler":
@@ -154,7 +248,7 @@ class Sampler:
     # ---- the sampler thread ----
 
     def _loop(self) -> None:
-        next_at = time.monotonic()
+        due = time.monotonic()
         while not self._stop.is_set():
             start = time.thread_time()
             try:
@@ -162,41 +256,60 @@ class Sampler:
             except Exception as e:  # noqa: BLE001 - the sampler must never die silently mid-run
                 self.warn(f"sampling failed: {e}")
             self.own_cpu_s += time.thread_time() - start
-            next_at += self.interval_s
-            now = time.monotonic()
-            if next_at < now:  # fell behind (slow backend): skip ahead instead of bursting
-                next_at = now + self.interval_s
-            self._stop.wait(next_at - now)
+            due = next_tick(due, self.interval_s)
+            self._stop.wait(max(0.0, due - time.monotonic()))
 
     def sample_once(self) -> None:
-        phase, epoch, step = self._where
-        t = time.time()
+        """Sample the in-process backends, write what the worker threads sampled since the last tick, and
+        give up on a worker stuck in one call for longer than the timeout."""
+        where, t = self._where, time.time()
         for w in self.workers:
             if w.disabled:
                 continue
-            values = self._ask(w)
-            if not values:
+            if w.thread is None:
+                try:
+                    values = clean(w.backend.sample())
+                except Exception as e:  # noqa: BLE001 - a backend's failure is its own, never the run's
+                    self._failed(w, e)
+                    continue
+                self._record(w, t, where, values)
                 continue
-            device = w.backend.device
-            values = self.energy.add(device, w.backend.name, phase, epoch, t, values)
-            row = {"t": t, "run": self.run, "phase": phase, "epoch": epoch, "step": step, "device": device,
-                   "backend": w.backend.name, **values}
-            self.writer.write(phase, {k: v for k, v in row.items() if v is not None})
+            self._collect(w)
+            if w.stuck_s() > self.timeout_s:
+                self._disable(w, f"did not answer within {self.timeout_s:.1f}s")
+                w.abandon()
         self.samples += 1
 
-    def _ask(self, w: _Worker) -> dict | None:
-        try:
-            values = clean(w.ask(self.timeout_s))
-        except queue.Empty:
-            self._disable(w, f"did not answer within {self.timeout_s:.1f}s")
-            return None
-        except Exception as e:  # noqa: BLE001 - a backend's failure is its own, never the run's
-            w.errors += 1
-            if w.errors >= ERRORS_BEFORE_DISABLE:
-                self._disable(w, f"failed {w.errors} times in a row ({type(e).__name__}: {e})")
-            return None
+    def _collect(self, w: _Worker, final: bool = False) -> None:
+        for t, where, ok, value in w.collect():
+            if w.disabled:
+                return
+            if not ok:
+                if not final:  # a call ended by stop() itself is no failure of the backend
+                    self._failed(w, value)
+                continue
+            try:
+                values = clean(value)
+            except TypeError as e:  # garbage instead of a dict
+                self._failed(w, e)
+                continue
+            self._record(w, t, where, values)
+
+    def _record(self, w: _Worker, t: float, where: tuple, values: dict) -> None:
         w.errors = 0
-        return values
+        if not values:
+            return
+        phase, epoch, step = where
+        device = w.backend.device
+        values = self.energy.add(device, w.backend.name, phase, epoch, t, values)
+        row = {"t": t, "run": self.run, "phase": phase, "epoch": epoch, "step": step, "device": device,
+               "backend": w.backend.name, **values}
+        self.writer.write(phase, {k: v for k, v in row.items() if v is not None})
+
+    def _failed(self, w: _Worker, e: BaseException) -> None:
+        w.errors += 1
+        if w.errors >= ERRORS_BEFORE_DISABLE:
+            self._disable(w, f"failed {w.errors} times in a row ({type(e).__name__}: {e})")
 
     def _disable(self, w: _Worker, why: str) -> None:
         w.disabled = why

@@ -17,7 +17,11 @@ TEXT_METRICS = {"throttle_reasons"}
 
 class Backend(Protocol):
     """One source of samples for one device. `sample()` returns {metric: value} with only the
-    metrics it could read this time; a metric it cannot read is absent, never 0."""
+    metrics it could read this time; a metric it cannot read is absent, never 0.
+
+    Optional: `may_hang = False` for reads that cannot block (the sampler then calls them on its own
+    thread instead of giving them one), and `abandon()`, called from another thread when the sampler
+    gives up on a `sample()` in flight: it must end that call without blocking (a tool is killed)."""
 
     name: str
     device: str

@@ -1,6 +1,7 @@
 """AMD GPUs where only the command-line tools exist: `rocm-smi --json` and `amd-smi metric --json`.
 
-Both run as a subprocess (no shell) with a timeout, and never more often than they can answer.
+Both run as a subprocess (no shell) in a session of their own with a timeout, and never more often than
+they can answer; one that hangs is killed with its children (tool.py).
 Key names of ROCm 5 and of ROCm 6.0/6.1+ are all understood; every value arrives as a string.
 """
 
@@ -9,11 +10,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import time
 
 from .amdsmi import visible_index
 from .base import first_number, number
+from .tool import ToolRunner
 
 MB = 1024 * 1024
 ROCM_SMI_ARGS = ["--showuse", "--showmemuse", "--showpower", "--showtemp", "--showclocks", "--showmeminfo",
@@ -96,10 +97,11 @@ class _CliBackend:
     command: list[str]
     timeout_s = 5.0
 
-    def __init__(self, hip_index: int = 0, run=subprocess.run):
+    def __init__(self, hip_index: int = 0, run=None):
         self.device = f"cuda:{hip_index}"
         self.index = visible_index(hip_index)
-        self.run = run
+        self.tool = ToolRunner()
+        self.run = run or self.tool  # run(command, timeout=...) -> a CompletedProcess; tests pass their own
         self.ready_at = 0.0
 
     @classmethod
@@ -114,7 +116,7 @@ class _CliBackend:
         now = time.monotonic()
         if now < self.ready_at:
             return {}  # the tool is slower than the sampling interval: skip this tick
-        proc = self.run(self.command, capture_output=True, text=True, timeout=self.timeout_s, check=False)
+        proc = self.run(self.command, timeout=self.timeout_s)
         took = time.monotonic() - now
         self.ready_at = now + 2 * took  # at most half of the time spent inside the tool
         if proc.returncode != 0:
@@ -124,8 +126,12 @@ class _CliBackend:
     def metrics(self) -> tuple[list[str], dict[str, str]]:
         return sorted(self.sample()), {}
 
+    def abandon(self) -> None:
+        """The sampler gave up waiting (called from its thread): kill the tool and whatever it started."""
+        self.tool.kill()
+
     def close(self) -> None:
-        pass
+        self.tool.kill()  # a call still in flight when sampling stops is not worth waiting for
 
 
 class RocmSmiBackend(_CliBackend):
