@@ -120,3 +120,15 @@ def test_backend_choice_prefers_the_vendor_library(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
     assert [n for n, _, _ in registry.candidates(torch.device("cuda", 0))] == ["nvml", "torch", "cpu"]
     assert [n for n, _, _ in registry.candidates(torch.device("cpu"))] == ["cpu"]
+
+
+def test_devices_with_a_source_that_fails_is_a_line_of_the_report(run_cli, monkeypatch):
+    from nnperf.telemetry.backends import cpu
+
+    def broken(self):
+        raise TimeoutError("rocm-smi did not answer within 5 s")
+
+    monkeypatch.setattr(cpu.CpuBackend, "metrics", broken)
+    code, out, err = run_cli("devices")
+    assert code == 0, err
+    assert "cpu       failed: TimeoutError: rocm-smi did not answer" in out

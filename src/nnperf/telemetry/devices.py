@@ -28,10 +28,19 @@ def report(dev: torch.device) -> list[str]:
             state = why if not ok else "available, but another source serves this device"
             lines.append(f"  {name:9s} not used: {state}")
             continue
-        recorded, missing = backend.metrics()
-        lines.append(f"  {name:9s} records {', '.join(recorded) or 'nothing yet'}")
-        lines += [f"  {'':9s}   no {metric}: {reason}" for metric, reason in sorted(missing.items())]
-        backend.close()
+        try:
+            recorded, missing = backend.metrics()
+        except Exception as e:  # noqa: BLE001 - a broken source is a line of this report, not its end
+            lines.append(f"  {name:9s} failed: {type(e).__name__}: {str(e)[:160]}")
+            recorded, missing = None, {}
+        else:
+            lines.append(f"  {name:9s} records {', '.join(recorded) or 'nothing yet'}")
+            lines += [f"  {'':9s}   no {metric}: {reason}" for metric, reason in sorted(missing.items())]
+        finally:
+            try:
+                backend.close()
+            except Exception:  # noqa: BLE001
+                pass
     return lines
 
 
