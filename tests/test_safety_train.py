@@ -96,6 +96,15 @@ def image(rel: str):
     return setup
 
 
+def _edit_env_data(**changes):
+    def setup(root: Path) -> None:
+        path = root / "runs/a/env.json"
+        env = json.loads(path.read_text())
+        env["data"].update(changes)
+        path.write_text(json.dumps(env))
+    return setup
+
+
 A_LAST = "../../runs/a/checkpoints/last.pt"
 CASES = [
     # --- a command deletes or overwrites only what it created or was told to replace ---
@@ -186,6 +195,38 @@ CASES = [
          may_change=("runs/a/test.json",), setup=both(runs("a"), write("runs/a/test.json", "[1, 2]"))),
     Case("input-resume-config-garbage-name", ["train", "--resume", A_LAST, "--name", "x y"], 2,
          ("--name", "'x y'"), setup=runs("a")),
+    Case("input-config-null", ["train", "--config", "../../c.yaml", *TINY1, *RUNS], 2,
+         ("--config", "epochs", "needs a value"), setup=write("c.yaml", "epochs: null\n")),
+    Case("input-seed-too-large", ["train", *TINY1, *RUNS, "--seed", str(10**30)], 2, ("--seed", "2**63-1")),
+    Case("input-weight-decay-huge", ["train", *TINY1, *RUNS, "--weight-decay", "1e300"], 2, ("--weight-decay",)),
+    Case("input-synthetic-size-huge", ["train", *TINY1, *RUNS, "--synthetic-size", str(10**12)], 2,
+         ("--synthetic-size",)),
+    *[Case(f"input-checkpoint-{what}", ["train", "--resume", "../../runs/a/checkpoints/bad.pt", "--epochs", "2"], 2,
+           ("--resume", needle),
+           setup=both(runs("a"), copy_checkpoint("runs/a/checkpoints/last.pt", "runs/a/checkpoints/bad.pt", edit)))
+      for what, needle, edit in [
+          ("optimizer-of-another-model", "optimizer cannot be restored",
+           lambda s: s.update(optimizer={"state": {}, "param_groups": []})),
+          ("schedule-empty", "schedule cannot be restored", lambda s: s.update(scheduler={})),
+          ("rng-too-short", "random-number state cannot be restored",
+           lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8))),
+          ("best-not-numbers", "best epoch's figures", lambda s: s["best"].update(top1="high")),
+          ("sums-not-numbers", "running sums", lambda s: s["sums"].update(loss="x")),
+          ("unknown-augmentation", "augmentation", lambda s: s["data"]["augment"].update(bogus=1)),
+          ("huge-shape", "data shape", lambda s: s["data"].update(shape=[3, 10**6, 10**6])),
+          ("mean-not-numbers", "normalisation", lambda s: s["data"].update(mean=["a", "b", "c"])),
+          ("config-value-wrong-type", "saved config is not valid", lambda s: s["config"].update(lr="fast")),
+          ("position-beyond-the-epoch", "does not fit", lambda s: s.update(step=10**6)),
+      ]],
+    Case("input-test-checkpoint-of-another-model", ["test", "../../runs/a", "--checkpoint",
+                                                    "../../runs/a/checkpoints/bad.pt"], 2,
+         ("--checkpoint", "do not fit"),
+         setup=both(runs("a"), copy_checkpoint("runs/a/checkpoints/best.pt", "runs/a/checkpoints/bad.pt",
+                                               lambda s: s["config"].update(width=16)))),
+    Case("input-predict-bare-weights-huge-shape", ["predict", "../../runs/a/checkpoints/final_weights.pt",
+                                                   "../../i.png"], 2,
+         ("CHECKPOINT", "data shape"),
+         setup=both(runs("a"), image("i.png"), _edit_env_data(shape=[3, 10**6, 10**6]))),
     # --- divergence is never silent ---
     Case("divergence-lr-100", ["train", *TINY, "--no-telemetry", *RUNS, "--name", "d", "--lr", "100", "--epochs", "3"],
          3, ("diverged at step", "--lr 100", "--nan-policy skip", "Nothing non-finite was saved"),

@@ -321,11 +321,26 @@ def main(argv: list[str] | None = None) -> int:
         from .fileio import describe_os_error
 
         return _fail(ns, describe_os_error(e), 1)
+    except MemoryError:
+        return _fail(ns, _OUT_OF_MEMORY, 1)
     except Exception as e:  # noqa: BLE001 - a bug still reaches the user as one line, not a traceback
         if os.environ.get("NNPERF_DEBUG"):
             raise
+        if _is_out_of_memory(e):
+            return _fail(ns, f"{_OUT_OF_MEMORY} ({_first_line(e)[:160]})", 1)
         return _fail(ns, f"unexpected {type(e).__name__}: {_first_line(e)[:300]} (a bug in nnperf; run again with "
                          "NNPERF_DEBUG=1 to see where)", 1)
+
+
+_OUT_OF_MEMORY = ("out of memory: lower --batch-size, --eval-batch-size, --image-size or --synthetic-size, "
+                  "use --loader torch for a dataset larger than the device, or close what else uses the memory")
+
+
+def _is_out_of_memory(e: Exception) -> bool:
+    """PyTorch reports exhausted host or device memory as a RuntimeError (OutOfMemoryError on GPUs)."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text
+                                             or "DefaultCPUAllocator" in text)
 
 
 def _first_line(e: BaseException) -> str:

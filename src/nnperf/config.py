@@ -134,7 +134,9 @@ def flag_name(name: str) -> str:
 def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     kind = f.metadata["kind"]
     if value is None:
-        return None
+        if f.default is None:
+            return None
+        raise UsageError(f"{where}: needs a value (a {kind.__name__}), got nothing (null)")
     try:
         if kind is str:
             # A YAML mapping or list (`name: {a: 1}`) is never a valid string setting.
@@ -215,29 +217,32 @@ def validate(cfg: TrainConfig) -> None:
            f"must be a positive number, got {cfg.eval_batch_size}")
     _check(0 < cfg.lr <= 100, "--lr", f"must be above 0 and at most 100, got {cfg.lr}")
     _check(0 <= cfg.momentum < 1, "--momentum", f"must be in [0, 1), got {cfg.momentum}")
-    _check(cfg.weight_decay >= 0, "--weight-decay", f"must be 0 or more, got {cfg.weight_decay}")
-    _check(cfg.sam_rho > 0, "--sam-rho", f"must be above 0, got {cfg.sam_rho}")
-    _check(cfg.warmup >= 0, "--warmup", f"must be 0 or more steps, got {cfg.warmup}")
+    _check(0 <= cfg.weight_decay <= 1e4, "--weight-decay", f"must be 0 to 10000, got {cfg.weight_decay}")
+    _check(0 < cfg.sam_rho <= 1e3, "--sam-rho", f"must be above 0 and at most 1000, got {cfg.sam_rho}")
+    for flag, seed in (("--seed", cfg.seed), ("--split-seed", cfg.split_seed)):
+        _check(0 <= seed < 2**63, flag, f"must be 0 to 2**63-1, got {seed}")
+    _check(0 <= cfg.warmup <= 10**9, "--warmup", f"must be 0 to 10**9 steps, got {cfg.warmup}")
     _check(0 <= cfg.label_smoothing < 1, "--label-smoothing", f"must be in [0, 1), got {cfg.label_smoothing}")
-    _check(cfg.val_split >= 0, "--val-split", f"must be 0 or more images, got {cfg.val_split}")
+    _check(0 <= cfg.val_split <= 10**9, "--val-split", f"must be 0 to 10**9 images, got {cfg.val_split}")
     _check(cfg.crop_pad is None or 0 <= cfg.crop_pad <= 64, "--crop-pad", f"must be 0 to 64, got {cfg.crop_pad}")
     _check(0 <= cfg.cutout <= 1024, "--cutout", f"must be 0 or more pixels, got {cfg.cutout}")
-    _check(cfg.workers >= 0, "--workers", f"must be 0 or more, got {cfg.workers}")
-    _check(cfg.save_every >= 0, "--save-every", f"must be 0 or more epochs, got {cfg.save_every}")
-    _check(cfg.max_steps >= 0, "--max-steps", f"must be 0 or more, got {cfg.max_steps}")
-    _check(cfg.log_every >= 0, "--log-every", f"must be 0 or more, got {cfg.log_every}")
+    _check(0 <= cfg.workers <= 1024, "--workers", f"must be 0 to 1024, got {cfg.workers}")
+    _check(0 <= cfg.save_every <= 10**9, "--save-every", f"must be 0 or more epochs, got {cfg.save_every}")
+    _check(0 <= cfg.max_steps <= 10**12, "--max-steps", f"must be 0 to 10**12, got {cfg.max_steps}")
+    _check(0 <= cfg.log_every <= 10**12, "--log-every", f"must be 0 to 10**12, got {cfg.log_every}")
     _check(cfg.image_size is None or 4 <= cfg.image_size <= 4096, "--image-size",
            f"must be between 4 and 4096, got {cfg.image_size}")
     _check(cfg.width is None or 1 <= cfg.width <= 4096, "--width", f"must be between 1 and 4096, got {cfg.width}")
-    _check(cfg.synthetic_size >= 1, "--synthetic-size", f"must be 1 or more, got {cfg.synthetic_size}")
+    _check(1 <= cfg.synthetic_size <= 10**8, "--synthetic-size", f"must be 1 to 10**8, got {cfg.synthetic_size}")
     _check(2 <= cfg.synthetic_classes <= 1000, "--synthetic-classes",
            f"must be between 2 and 1000, got {cfg.synthetic_classes}")
     _check(cfg.synthetic_channels in (1, 3), "--synthetic-channels", f"must be 1 or 3, got {cfg.synthetic_channels}")
     _check(0.05 <= cfg.telemetry_interval <= 3600, "--telemetry-interval",
            f"must be between 0.05 and 3600 seconds, got {cfg.telemetry_interval}")
     _check(cfg.tta in (0, 1, 2), "--tta", f"must be 0, 1 or 2, got {cfg.tta}")
-    _check(cfg.eval_every >= 1, "--eval-every", f"must be 1 or more epochs, got {cfg.eval_every}")
-    _check(cfg.lookahead_every >= 0, "--lookahead-every", f"must be 0 or more steps, got {cfg.lookahead_every}")
+    _check(1 <= cfg.eval_every <= 10**6, "--eval-every", f"must be 1 to 10**6 epochs, got {cfg.eval_every}")
+    _check(0 <= cfg.lookahead_every <= 10**9, "--lookahead-every",
+           f"must be 0 to 10**9 steps, got {cfg.lookahead_every}")
     _check(0 < cfg.lookahead_decay < 1, "--lookahead-decay", f"must be in (0, 1), got {cfg.lookahead_decay}")
     _check(0 < cfg.norm_lr_scale <= 1e4, "--norm-lr-scale", f"must be above 0, got {cfg.norm_lr_scale}")
     _check(not (cfg.decoupled and cfg.optimizer not in ("sgd", "nesterov", "muon")), "--decoupled",

@@ -139,7 +139,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read JSON lines, skipping a torn or blank line (a crash can leave one at the end)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import torch
 
 from .. import config as configs
+from ..data.augment import Augment
 from ..errors import UsageError
 from ..fileio import write_stream
 
@@ -51,16 +54,64 @@ def _missing(state: dict) -> str | None:
                 return f"no '{key}'"
             if not isinstance(where[key], kind) or isinstance(where[key], bool):
                 return f"'{key}' is not a {kind.__name__ if isinstance(kind, type) else kind[0].__name__}"
-    data = state["data"]
-    if len(data["shape"]) != 3 or not all(isinstance(v, int) and v > 0 for v in data["shape"]):
-        return "data shape is not three positive sizes"
-    if not data["classes"] or len(data["mean"]) != data["shape"][0] or len(data["std"]) != data["shape"][0]:
-        return "data classes or normalisation do not fit its shape"
+    return _bad_data(state["data"]) or _bad_position(state)
+
+
+def data_problem(data: object) -> str | None:
+    """What is wrong with a data description (from a checkpoint or a run's env.json), or None."""
+    if not isinstance(data, dict):
+        return "no data description"
+    for key, kind in _DATA.items():
+        if not isinstance(data.get(key), kind):
+            return f"data '{key}' is missing or not a {kind.__name__}"
+    return _bad_data(data)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bad_data(data: dict) -> str | None:
+    shape, classes = data["shape"], data["classes"]
+    if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape) \
+            or not (1 <= shape[0] <= 4 and 1 <= shape[1] <= 4096 and 1 <= shape[2] <= 4096):
+        return "data shape is not (1 to 4 channels, height and width up to 4096)"
+    if not 1 <= len(classes) <= 100_000 or not all(isinstance(c, str) for c in classes):
+        return "data classes are not a list of names"
+    if not all(len(v) == shape[0] and all(_number(x) for x in v) for v in (data["mean"], data["std"])) \
+            or not all(x > 0 for x in data["std"]):
+        return "data normalisation does not fit its shape"
+    if set(data["augment"]) - {f.name for f in dataclasses.fields(Augment)}:
+        return "data augmentation has unknown settings"
+    if data["eval_split"] not in ("train", "val", "test"):
+        return "data evaluation split is not train, val or test"
+    return None
+
+
+def _bad_position(state: dict) -> str | None:
     if not isinstance(state["rng"].get("torch"), torch.Tensor):
         return "no random-number state"
-    if state["epoch"] < 0 or state["step"] < 0 or state["global_step"] < 0:
-        return "negative position"
+    if not all(0 <= state[k] < 2**62 for k in ("epoch", "step", "global_step")):
+        return "its position is out of range"
+    best = state["best"]
+    if best is not None and not all(_number(best.get(k)) for k in ("epoch", "top1", "top5", "loss")):
+        return "its best epoch's figures are not numbers"
+    sums = state["sums"]
+    if not all(isinstance(sums.get(k), torch.Tensor) and sums[k].numel() == 1 for k in ("loss", "top1", "top5")) \
+            or not all(_number(sums.get(k, 0)) for k in ("images", "seconds", "data_wait_s", "skipped_steps")):
+        return "its running sums are not numbers"
     return None
+
+
+def config_of(state: dict, path: str, flag: str) -> dict:
+    """The saved config's known settings, checked: a checkpoint from a newer nnperf may have more."""
+    known = {f.name for f in configs.fields()}
+    saved = {k: v for k, v in state["config"].items() if k in known}
+    try:
+        configs.build(saved, {"resume": None})
+    except UsageError as e:
+        raise UsageError(f"{flag} {path}: its saved config is not valid ({e})") from None
+    return saved
 
 
 def resume_config(state: dict, preset: dict, overrides: dict, path: str) -> configs.TrainConfig:
@@ -68,25 +119,24 @@ def resume_config(state: dict, preset: dict, overrides: dict, path: str) -> conf
     stay those the checkpoint was trained with. A checkpoint in RUN/checkpoints/ continues RUN
     unless --out-dir or --name say otherwise; --max-steps limits one invocation, so it is not
     carried over."""
-    saved = state["config"]
+    saved = config_of(state, path, "--resume")
     given = {**preset, **overrides}
     for key in ("model", "dataset"):
-        if key in given and given[key] != saved[key]:
-            raise UsageError(f"--resume {path}: checkpoint is of {key} '{saved[key]}', not '{given[key]}' "
+        if key in given and given[key] != saved.get(key):
+            raise UsageError(f"--resume {path}: checkpoint is of {key} '{saved.get(key)}', not '{given[key]}' "
                              f"(drop --{key} or start a new run)")
-    known = {f.name for f in configs.fields()}
-    base = {k: v for k, v in saved.items() if k in known}
-    base["max_steps"] = 0
+    base = {**saved, "max_steps": 0}
     own = Path(path).parent.parent if Path(path).resolve().parent.name == "checkpoints" else None
     if own is not None:
         base["out_dir"], base["name"] = str(own.parent), own.name
     return configs.build(base, {**given, "resume": str(path)})
 
 
-def state_matches_model(state: dict, model: torch.nn.Module, path: str) -> None:
+def state_matches_model(state: dict, model: torch.nn.Module, path: str, flag: str = "--resume") -> None:
     """Refuse weights whose names or shapes do not fit `model` (a checkpoint of another model)."""
     own = model.state_dict()
     theirs = state["model"]
-    if set(own) != set(theirs) or any(own[k].shape != theirs[k].shape for k in own):
-        raise UsageError(f"--resume {path}: the weights do not fit this model "
+    if set(own) != set(theirs) or any(not isinstance(theirs[k], torch.Tensor) or own[k].shape != theirs[k].shape
+                                      for k in own):
+        raise UsageError(f"{flag} {path}: the weights do not fit this model "
                          f"(a checkpoint of another model, width or class count)")

@@ -35,14 +35,16 @@ def test(run_dir: str, checkpoint_path: str | None = None, split: str | None = N
     """Evaluate a checkpoint (default: the run's best) on a split (default: the one training used)."""
     path, flag = _run_checkpoint(run_dir, checkpoint_path)
     state = checkpoint.load(path, flag)
-    cfg = configs.build(state["config"], {"resume": None, **({"device": device} if device else {}),
-                                          **({"tta": tta} if tta is not None else {})})
+    cfg = configs.build(checkpoint.config_of(state, path, flag),
+                        {"resume": None, **({"device": device} if device else {}),
+                         **({"tta": tta} if tta is not None else {})})
     info = state["data"]
     split = split or info["eval_split"]
     if split not in SPLITS:
         raise UsageError(f"--split: unknown split '{split}' (choose from {', '.join(SPLITS)})")
     hw = choose_hardware(cfg)
     model = build_model(cfg, info, hw.dev, hw.channels_last)
+    checkpoint.state_matches_model(state, model, path, flag)
     model.load_state_dict(state["model"])
     batches = eval_batches(cfg, load_splits(cfg).get(split), info, hw.dev, hw.channels_last)
     return {"split": split, "checkpoint": path, **evaluate(model, batches, hw.dev, hw.precision, cfg.tta)}
@@ -64,7 +66,7 @@ def _load_for_predict(path: str) -> tuple[configs.TrainConfig, dict, dict]:
         raise UsageError(f"CHECKPOINT {path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
     if isinstance(raw, dict) and raw.get("format") == checkpoint.FORMAT:
         raw = checkpoint.load(path, "CHECKPOINT")  # the same checks as train --resume
-        return configs.build(raw["config"], {"resume": None}), raw["data"], raw["model"]
+        return configs.build(checkpoint.config_of(raw, path, "CHECKPOINT"), {"resume": None}), raw["data"], raw["model"]
     run = p.parent.parent
     env = run / "env.json"
     if not (run / "config.yaml").is_file() or not env.is_file():
@@ -76,6 +78,9 @@ def _load_for_predict(path: str) -> tuple[configs.TrainConfig, dict, dict]:
     except (ValueError, yaml.YAMLError, TypeError, KeyError, UsageError) as e:
         raise UsageError(f"CHECKPOINT {path}: the run's config.yaml or env.json is unreadable "
                          f"({type(e).__name__}); use checkpoints/best.pt") from None
+    problem = checkpoint.data_problem(info) or (None if isinstance(raw, dict) else "the file holds no weights")
+    if problem:
+        raise UsageError(f"CHECKPOINT {path}: {problem} (in it or the run's env.json); use checkpoints/best.pt")
     return cfg, info, raw
 
 
@@ -106,7 +111,7 @@ def predict(checkpoint_path: str, images: list[str], topk: int = 5, device: str 
     model = build_model(cfg, info, dev)
     try:
         model.load_state_dict(weights)
-    except RuntimeError:
+    except (RuntimeError, TypeError, AttributeError):
         raise UsageError(f"CHECKPOINT {checkpoint_path}: weights do not fit model '{cfg.model}'") from None
     model.eval()
     x = torch.stack([_image_tensor(p, info) for p in images]).to(dev)

@@ -126,11 +126,15 @@ def _setup(cfg: configs.TrainConfig, state: dict | None, log: Callable[[str], No
     step = TrainStep(model, optimizer, scaler, hw.dev, hw.precision, cfg.label_smoothing, forward,
                      skip_nonfinite=cfg.nan_policy == "skip")
     lookahead = Lookahead(model, cfg.lookahead_every, cfg.lookahead_decay) if cfg.lookahead_every else None
+    run = Run(cfg, path, hw, info, model, optimizer, scheduler, scaler, train, evals, step, lookahead, fresh=fresh)
+    run.pos.reset_sums(run.dev)
+    if state:
+        _restore(run, state)
     if fresh:
         rundir.create(cfg)
     else:
         rundir.prepare_resume(path)
-    return Run(cfg, path, hw, info, model, optimizer, scheduler, scaler, train, evals, step, lookahead, fresh=fresh)
+    return run
 
 
 def _check_same_data(saved: dict, now: dict, path: str) -> None:
@@ -167,24 +171,52 @@ def _check_model_runs(cfg: configs.TrainConfig, model: torch.nn.Module, info: di
 
 
 def _restore(run: Run, state: dict) -> None:
+    """Put the checkpoint's state into the built run; a part that does not fit is one line."""
+    if state["step"] > len(run.train):
+        raise UsageError(f"--resume {run.cfg.resume}: its position (step {state['step']} of an epoch) does not fit "
+                         f"this run's {len(run.train)} steps per epoch; resume with the run's own --batch-size")
+    for part, restore in (("model", _restore_model), ("optimizer", _restore_optimizer),
+                          ("schedule", _restore_schedule), ("random-number state", _restore_rng),
+                          ("position", _restore_position)):
+        try:
+            restore(run, state)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+            reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise UsageError(f"--resume {run.cfg.resume}: its {part} cannot be restored ({reason}); "
+                             "use another checkpoint of the run") from None
+
+
+def _restore_model(run: Run, state: dict) -> None:
     run.model.load_state_dict(state["model"])
+    if run.lookahead is not None and state.get("lookahead"):
+        run.lookahead.average = {k: v.to(run.dev) for k, v in state["lookahead"].items()}
+
+
+def _restore_optimizer(run: Run, state: dict) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+
+
+def _restore_schedule(run: Run, state: dict) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     for schedule in run.scheduler.lr_lambdas:
         # Loading restored the old run length; a resume with more --epochs stretches the schedule.
         schedule.total = len(run.train) * run.cfg.epochs
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    if run.lookahead is not None and state.get("lookahead"):
-        run.lookahead.average = {k: v.to(run.dev) for k, v in state["lookahead"].items()}
+
+
+def _restore_rng(run: Run, state: dict) -> None:
     torch.set_rng_state(state["rng"]["torch"])
     if run.dev.type == "cuda" and state["rng"].get("cuda"):
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def _restore_position(run: Run, state: dict) -> None:
     p = run.pos
     p.epoch, p.step, p.global_step, p.best = state["epoch"], state["step"], state["global_step"], state["best"]
-    p.reset_sums(run.dev)
     for key, value in state["sums"].items():
-        p.sums[key] = value.to(run.dev) if isinstance(value, torch.Tensor) else value
+        if key in p.sums:
+            p.sums[key] = value.to(run.dev, p.sums[key].dtype) if isinstance(value, torch.Tensor) else value
     own = rundir.checkpoint_run(run.cfg.resume)
     metrics = (own if own is not None else run.dir) / "metrics.jsonl"
     old = read_jsonl(metrics) if metrics.is_file() else []
@@ -464,9 +496,6 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
 
 
 def _start(run: Run, state: dict | None, log: Callable[[str], None]) -> None:
-    run.pos.reset_sums(run.dev)
-    if state:
-        _restore(run, state)
     _start_files(run, resumed=state is not None)
     log(f"run {run.dir} | {run.cfg.dataset} {run.cfg.model} on {run.dev} ({devices.device_name(run.dev)}) | "
         f"{run.hw.describe()}")
