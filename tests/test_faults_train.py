@@ -194,3 +194,18 @@ def test_resume_a_ctrl_c_checkpoint_with_max_steps(run_cli, tmp_path, monkeypatc
     code, out, err = run_cli("train", "--resume", "runs/m/checkpoints/last.pt")
     assert code == 0, err
     assert torch.load(tmp_path / "runs/m/checkpoints/last.pt", weights_only=True)["global_step"] == 12
+
+
+def test_out_of_memory_is_one_line_and_leaves_no_run(run_cli, tmp_path, monkeypatch):
+    from nnperf.train import loop
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 38654705664 bytes.")
+
+    monkeypatch.setattr(loop, "train_batches", no_memory)
+    code, out, err = run_cli("train", *QUIET, "--epochs", "1", "--name", "m")
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "out of memory" in lines[0] and "--batch-size" in lines[0]
+    assert not (tmp_path / "runs" / "m").exists()

@@ -299,9 +299,39 @@ COMMANDS = {"train": cmd_train, "plot": cmd_plot, "montage": cmd_montage, "compa
             "predict": cmd_predict, "devices": cmd_devices}
 
 
+# The libraries each command needs, imported before it runs while Ctrl-C waits: an interrupt in the
+# middle of importing torch or numpy leaves them half-initialised, and the next use fails obscurely.
+PRELOAD = {"train": "nnperf.train", "test": "nnperf.train", "predict": "nnperf.train", "data": "nnperf.data",
+           "plot": "nnperf.analysis", "report": "nnperf.analysis.report", "compare": "nnperf.analysis.compare",
+           "montage": "nnperf.analysis.montage", "roofline": "nnperf.analysis.roofline", "sweep": "nnperf.sweep",
+           "devices": "nnperf.telemetry.devices"}
+
+
+def _preload(command: str) -> bool:
+    """Import the command's modules with SIGINT/SIGTERM held back; True if one arrived meanwhile."""
+    import importlib
+    import threading
+
+    arrived = []
+    held = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            held[s] = signal.signal(s, lambda signum, frame: arrived.append(signum))
+    try:
+        importlib.import_module(PRELOAD[command])
+    except ImportError:
+        pass  # the command says what is missing, in its own words
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+    return bool(arrived)
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     try:
+        if _preload(ns.command):
+            raise KeyboardInterrupt
         return COMMANDS[ns.command](ns)
     except UsageError as e:
         return _fail(ns, e, 2)
