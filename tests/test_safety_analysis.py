@@ -50,6 +50,16 @@ def _nasty_keys(root: Path) -> None:
     _jsonl(root / "runs" / "N" / "metrics.jsonl", [{"epoch": 1, "phase": "val", "loss": 1.0, "top1": 0.5}])
 
 
+def _huge_values(root: Path) -> None:
+    _jsonl(root / "runs" / "H" / "metrics.jsonl",
+           [{"t": 1, "epoch": 1, "step": 1, "phase": "train", "loss": 1e308, "top1": 0.5},
+            {"t": 2, "epoch": 2, "step": 2, "phase": "train", "loss": -1e308, "top1": 0.6},
+            {"t": 3, "epoch": 2, "step": 2, "phase": "val", "loss": 1e300, "top1": 0.6, "top5": 1.0}])
+    _jsonl(root / "runs" / "H" / "telemetry" / "train_epoch.jsonl",
+           [{"t": 1, "phase": "train", "device": "cpu", "power_w": 1e308}, {"t": 2, "phase": "train",
+                                                                            "device": "cpu", "power_w": 5.0}])
+
+
 def _dollar_label(root: Path) -> None:
     make_run(root / "runs", "r$\\bad{$")  # a folder name that is matplotlib maths notation
 
@@ -312,6 +322,11 @@ CASES = [
     Case("input-roofline-out-is-a-folder", [*ROOF, "--out", "../../adir"], 2, ("--out", "adir", "is a folder"),
          setup=_both(_plain_file_and_folder, _ncu())),
 
+    # Values too large to draw (a hand-edited 1e308) are absent, not an overflow in the axis ticks.
+    Case("input-plot-values-too-large-to-draw", ["plot", "../../runs/H", "--out", "../../out"], 0,
+         may_change=("out/*",), setup=_huge_values),
+    Case("input-report-values-too-large-to-draw", ["report", "../../runs/H", "--out", "../../h.html"], 0,
+         may_change=("h.html",), setup=_huge_values),
     # Logs whose fields change type between rows, and garbage beside them.
     Case("input-plot-fields-change-type", ["plot", "../../runs/M", "--out", "../../out"], 0,
          may_change=("out/*",), setup=_mixed),

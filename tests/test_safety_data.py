@@ -237,6 +237,10 @@ CASES = _crafted_cases() + [
                 "../../evil.tar", "--out", "s.png"], 0, ("wrote",), may_change=("work/here/s.png",),
                 setup=_tar([_link("tree/train/cat/alias.png", "0.png")])),
 
+    safety.Case("input-data-show-per-class-huge", ["data", "show", "--dataset", "synthetic", "--per-class",
+                                                   str(2**70)], 2, ("--per-class", "1 to 1000")),
+    safety.Case("input-data-show-seed-huge", ["data", "show", "--dataset", "synthetic", "--seed", str(2**70)], 2,
+                ("--seed",)),
     safety.Case("input-data-show-out-is-a-folder", ["data", "show", "--dataset", "synthetic", "--out", "grids"], 2,
                 ("--out grids", "must be a file name", "samples.png"),
                 setup=lambda root: (root / "work" / "here" / "grids").mkdir()),

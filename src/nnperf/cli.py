@@ -185,8 +185,10 @@ def cmd_data(ns: argparse.Namespace) -> int:
     from . import data
     from .data import show
 
-    if ns.per_class < 1:
-        raise UsageError(f"--per-class: must be 1 or more, got {ns.per_class}")
+    if not 1 <= ns.per_class <= 1000:
+        raise UsageError(f"--per-class: must be 1 to 1000, got {ns.per_class}")
+    if not 0 <= ns.seed < 2**63:
+        raise UsageError(f"--seed: must be 0 to 2**63-1, got {ns.seed}")
     show.check_out(ns.out)
     if ns.data:
         from .names import refuse_overwriting_inputs

@@ -158,7 +158,15 @@ def _numbers(column: pd.Series) -> pd.Series:
         numbers = pd.to_numeric(column, errors="coerce").astype(float)
     else:  # objects, lists or true/false among them: one value at a time
         numbers = column.map(_as_number).astype(float)
-    return numbers.where(np.isfinite(numbers))
+    return numbers.where(_plottable(numbers))
+
+
+# Larger than any measurement: such a value (1e308 in a hand-edited log) only overflows the axis ticks.
+LARGEST = 1e100
+
+
+def _plottable(numbers: pd.Series) -> pd.Series:
+    return np.isfinite(numbers) & (numbers.abs() <= LARGEST)
 
 
 def _seconds(column: pd.Series) -> pd.Series:
@@ -192,7 +200,7 @@ def _tidy(df: pd.DataFrame) -> None:
             if numbers.notna().sum() * 2 > column.notna().sum():
                 df[col] = numbers
         elif column.dtype.kind == "f" and col not in BOOKKEEPING:
-            df[col] = column.where(np.isfinite(column))  # Infinity (Python's json writes it) is no value
+            df[col] = column.where(_plottable(column))  # Infinity (Python's json writes it) is no value
 
 
 def telemetry(srcs: list[Source]) -> pd.DataFrame:
