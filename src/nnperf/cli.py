@@ -172,8 +172,15 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
         from .sweep import sweep
     except ImportError as e:
         raise UsageError(f"nnperf sweep needs Optuna: pip install optuna ({e})") from None
+    from optuna.exceptions import StorageInternalError
+
     try:
         print(sweep(ns.spec, ns.trials, ns.storage, ns.study, ns.out_dir, ns.show))
+    except StorageInternalError as e:  # the database could not commit: a full disk, a lost server
+        cause = e.__cause__ or e.__context__
+        detail = _first_line(cause)[:200] if cause is not None else _first_line(e)[:200]
+        raise EnvError(f"the study's database could not be written ({detail}); free space or check --storage, "
+                       "then run the same command again") from None
     except Interrupted as e:
         print(f"nnperf sweep: stopped by {signal.Signals(e.signum).name}; the trial's position is saved and "
               "queued; run the same nnperf sweep command again to continue", file=sys.stderr)
@@ -191,9 +198,12 @@ def cmd_data(ns: argparse.Namespace) -> int:
         raise UsageError(f"--seed: must be 0 to 2**63-1, got {ns.seed}")
     show.check_out(ns.out)
     if ns.data:
-        from .names import refuse_overwriting_inputs
+        from .names import is_inside, refuse_overwriting_inputs
 
         refuse_overwriting_inputs({"--out": ns.out}, [ns.data])
+        if is_inside(ns.out, ns.data):
+            raise UsageError(f"--out {ns.out}: is inside the dataset folder --data {ns.data}; write the grid "
+                             "elsewhere")
     cfg = configs.build({}, {"dataset": ns.dataset, "data": ns.data})
     ds = data.load(cfg)
     print(show.counts(ds))
@@ -243,8 +253,13 @@ def cmd_test(ns: argparse.Namespace) -> int:
     from . import fileio
     from .train import test, test_line
 
+    from .train.rundir import is_run_dir
+
     if not Path(ns.run_dir).is_dir():
         raise UsageError(f"RUN_DIR {ns.run_dir}: no such run directory")
+    if not is_run_dir(ns.run_dir):
+        raise UsageError(f"RUN_DIR {ns.run_dir}: not an nnperf run directory (no checkpoints/ and config.yaml); "
+                         "test.json is kept only in one")
     result = test(ns.run_dir, ns.checkpoint, ns.split, ns.device, ns.tta)
     print(test_line(result))
     # Kept beside the run for `nnperf report` and `compare`: the last evaluation of each split.
@@ -261,6 +276,7 @@ def cmd_test(ns: argparse.Namespace) -> int:
 
 
 def cmd_predict(ns: argparse.Namespace) -> int:
+    from .data.formats import shown_name
     from .train import predict
 
     if ns.topk < 1:
@@ -272,7 +288,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     for r in results:
         print(r["image"])
         for t in r["top"]:
-            print(f"  {t['prob']:6.1%}  {t['class']}")
+            print(f"  {t['prob']:6.1%}  {shown_name(t['class'])}")  # class names are folder names: no escapes
     return 0
 
 
@@ -280,7 +296,12 @@ def _default_out(paths: list[str]) -> str:
     from pathlib import Path
 
     one = Path(paths[0])
-    return str(one / "plots") if len(paths) == 1 and one.is_dir() else "plots"
+    if len(paths) == 1 and one.is_dir():
+        if (one / "plots").is_symlink():
+            raise UsageError(f"{one / 'plots'}: is a link inside the run directory; give --out, or replace the link "
+                             "with a folder")
+        return str(one / "plots")
+    return "plots"
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:

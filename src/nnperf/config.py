@@ -158,7 +158,7 @@ def read_yaml_mapping(path: str | Path, label: str) -> dict:
     """A YAML file whose top level is a mapping; each problem is one line starting with `label`."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"{label}: no such file")
+        raise UsageError(f"{label}: {'not a regular file' if p.exists() else 'no such file'}")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:

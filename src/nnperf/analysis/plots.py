@@ -55,7 +55,8 @@ def file_stems(metrics: list[str], taken: set[str] = frozenset()) -> dict[str, s
 def text(value: object) -> str:
     """Text from the data for a title or legend: a '$' would start matplotlib's maths notation, and
     a bad formula fails the whole figure."""
-    return str(value).replace("$", r"\$")
+    shown = "".join(c if c.isprintable() else "?" for c in str(value))  # no glyph for NUL and friends
+    return shown.replace("$", r"\$")
 
 
 def unit(metric: str) -> str:

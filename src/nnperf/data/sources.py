@@ -133,6 +133,15 @@ def _idx_folder_ok(folder: Path) -> bool:
     return all(formats.find_idx(folder, s) is not None for s in IDX_STEMS)
 
 
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed download made, innermost first, as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def fetch_idx(tv_class: type, title: str, cfg: TrainConfig, extra: tuple[Path, ...] = ()) -> Path:
     """The folder with the four IDX files: --data, torchvision's layout under it, Debian's package
     folder; downloaded from torchvision's mirrors when allowed."""
@@ -147,6 +156,7 @@ def fetch_idx(tv_class: type, title: str, cfg: TrainConfig, extra: tuple[Path, .
         hint = " (or apt-get install dataset-fashion-mnist)" if extra else ""
         raise UsageError(f"--data {root}: no {title} IDX files ({', '.join(s + '[.gz]' for s in IDX_STEMS)}) "
                          f"in {looked}; pass --download{hint}")
+    made = [p for p in (raw, *raw.parents) if not p.exists()]  # to remove again if nothing arrives
     for filename, md5 in tv_class.resources:
         if (raw / filename).is_file():
             continue
@@ -158,6 +168,7 @@ def fetch_idx(tv_class: type, title: str, cfg: TrainConfig, extra: tuple[Path, .
             except (urllib.error.URLError, OSError, RuntimeError) as e:
                 errors.append(e)
         else:
+            _remove_if_empty(made)
             raise _download_error(title, tv_class.mirrors[0] + filename, errors[-1], raw, filename)
     if not _idx_folder_ok(raw):
         raise UsageError(f"{raw}: downloaded, but the {title} IDX files are still incomplete")

@@ -37,7 +37,10 @@ def check(folder: Path, study: str, flag: str) -> bool:
                              "another --out-dir (or --study for that study)")
         return False
     if folder.is_dir():
-        foreign = sorted(p.name for p in folder.iterdir() if not _ours(p))
+        entries = list(folder.iterdir())
+        foreign = sorted(p.name for p in entries if not _ours(p))
+        if entries and not foreign and not any(p.name == "study.db" or _TRIAL.fullmatch(p.name) for p in entries):
+            foreign = sorted(p.name for p in entries)  # a results.csv alone is anybody's
         if foreign:
             shown = ", ".join(repr(n) for n in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise UsageError(f"{flag} {folder}: holds files that are not a sweep's ({shown}); they are left "

@@ -12,6 +12,7 @@ from .. import config as configs
 from ..data.augment import Augment
 from ..errors import UsageError
 from ..fileio import write_stream
+from . import rundir
 
 FORMAT = "nnperf-checkpoint/1"
 
@@ -24,7 +25,7 @@ def load(path: str | Path, flag: str = "--resume") -> dict:
     """A full nnperf checkpoint, or a one-line error saying what is wrong with the file."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"{flag} {path}: no such file")
+        raise UsageError(f"{flag} {path}: {'not a regular file' if p.exists() else 'no such file'}")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a bad file; all mean the same
@@ -126,7 +127,7 @@ def resume_config(state: dict, preset: dict, overrides: dict, path: str) -> conf
             raise UsageError(f"--resume {path}: checkpoint is of {key} '{saved.get(key)}', not '{given[key]}' "
                              f"(drop --{key} or start a new run)")
     base = {**saved, "max_steps": 0}
-    own = Path(path).parent.parent if Path(path).resolve().parent.name == "checkpoints" else None
+    own = rundir.checkpoint_run(path)
     if own is not None:
         base["out_dir"], base["name"] = str(own.parent), own.name
     return configs.build(base, {**given, "resume": str(path)})

@@ -59,11 +59,12 @@ def _load_for_predict(path: str) -> tuple[configs.TrainConfig, dict, dict]:
     config.yaml and env.json."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"CHECKPOINT {path}: no such file")
+        raise UsageError(f"CHECKPOINT {path}: {'not a regular file' if p.exists() else 'no such file'}")
     try:
         raw = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise UsageError(f"CHECKPOINT {path}: not a readable checkpoint ({str(e).splitlines()[0][:160]})") from None
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UsageError(f"CHECKPOINT {path}: not a readable checkpoint ({reason})") from None
     if isinstance(raw, dict) and raw.get("format") == checkpoint.FORMAT:
         raw = checkpoint.load(path, "CHECKPOINT")  # the same checks as train --resume
         return configs.build(checkpoint.config_of(raw, path, "CHECKPOINT"), {"resume": None}), raw["data"], raw["model"]
@@ -86,6 +87,8 @@ def _load_for_predict(path: str) -> tuple[configs.TrainConfig, dict, dict]:
 
 def _image_tensor(path: str, info: dict) -> torch.Tensor:
     channels, height, width = info["shape"]
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO or device would block the read forever
+        raise UsageError(f"IMAGE {path}: not a regular file")
     try:
         with bomb_warnings_silenced(), open_image(path, "give a smaller image", f"IMAGE {path}") as im:
             im = im.convert("L" if channels == 1 else "RGB")

@@ -44,7 +44,7 @@ class Position:
     global_step: int = 0
     best: dict | None = None
     sums: dict = field(default_factory=dict)
-    last_finite: tuple[int, float] | None = None  # (global step, loss) of the last finite training loss
+    last_finite: tuple | None = None  # (global step, loss as a float or a tensor) of the last finite training loss
     skipped_in_a_row: int = 0
 
     def reset_sums(self, dev: torch.device) -> None:
@@ -283,6 +283,8 @@ def _train_epoch(run: Run, bar) -> None:
             _count_skipped(run)
         else:
             p.skipped_in_a_row = 0
+            if run.step.skip_nonfinite:
+                p.last_finite = (p.global_step + 1, loss)  # a tensor: read only if the run diverges
             if run.tracking is not None:
                 run.tracking.losses.append(loss)
             s["loss"] += loss.double() * len(y)
@@ -329,7 +331,7 @@ def _check_finite(run: Run, loss: torch.Tensor, step: int) -> None:
 
 def _diverged(run: Run, step: int, what: str) -> str:
     cfg, last = run.cfg, run.pos.last_finite
-    before = f"last finite loss {last[1]:.4g} at step {last[0]}" if last else "no finite loss before it"
+    before = f"last finite loss {float(last[1]):.4g} at step {last[0]}" if last else "no finite loss before it"
     likely = [f"--lr {cfg.lr:g}"]
     if cfg.weight_decay:
         likely.append(f"--weight-decay {cfg.weight_decay:g}")
@@ -337,9 +339,9 @@ def _diverged(run: Run, step: int, what: str) -> str:
         likely.append("--precision fp16 (try bf16 or fp32)")
     kept = run.ckpt_dir / "last.pt"
     saved = f"the last good checkpoint is {kept}" if kept.is_file() else "no checkpoint was saved"
+    skip = "" if cfg.nan_policy == "skip" else "; or pass --nan-policy skip to skip such steps"
     return (f"diverged at step {step} (epoch {run.pos.epoch + 1}): {what}; {before}. Likely too high: "
-            f"{', '.join(likely)}; or pass --nan-policy skip to skip such steps. Nothing non-finite was saved; "
-            f"{saved}")
+            f"{', '.join(likely)}{skip}. Nothing non-finite was saved; {saved}")
 
 
 def _save_interrupted(run: Run, signum: int) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
 
-from ..config import TrainConfig
+import yaml
+
+from ..config import TrainConfig, fields
 from ..errors import UsageError
 from ..fileio import clean_stale_temps
 
@@ -18,14 +21,25 @@ def default_name(cfg: TrainConfig) -> str:
     return f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def is_run_dir(path: Path) -> bool:
-    """A real folder (not a link) with checkpoints/ and a run file, or only the empty checkpoints/
-    that a run leaves when it stops while starting."""
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """A real folder (not a link) with checkpoints/ and nnperf's own config.yaml (every key a
+    setting of nnperf's), or only the empty checkpoints/ that a run leaves when it stops while
+    starting. A user's project folder with a config.yaml of its own is not one."""
+    path = Path(path)
     if path.is_symlink() or not path.is_dir() or not (path / "checkpoints").is_dir():
         return False
     entries = {p.name for p in path.iterdir()}
-    return any(name in entries for name in RUN_FILES) or (
-        entries == {"checkpoints"} and not any((path / "checkpoints").iterdir()))
+    if entries == {"checkpoints"}:
+        return not any((path / "checkpoints").iterdir())
+    return _is_our_config(path / "config.yaml")
+
+
+def _is_our_config(path: Path) -> bool:
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and {"model", "dataset"} <= set(saved) <= {f.name for f in fields()}
 
 
 def target(cfg: TrainConfig) -> Path:
@@ -36,8 +50,9 @@ def check_new(cfg: TrainConfig) -> Path:
     """Where a new run goes; refuses (before anything is written) what create() must not touch."""
     path = target(cfg)
     out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out-dir {out}: is a file, not a folder; choose another --out-dir")
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--out-dir {out}: {folder} is a file, not a folder; choose another --out-dir")
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise UsageError(f"--name {cfg.name}: {path} exists and is not a folder; choose another --name")
     if path.exists():
@@ -60,9 +75,25 @@ def create(cfg: TrainConfig) -> Path:
 
 
 def checkpoint_run(resume: str) -> Path | None:
-    """RUN for a checkpoint at RUN/checkpoints/FILE, else None."""
-    ckpt = Path(resume)
-    return ckpt.parent.parent if ckpt.resolve().parent.name == "checkpoints" else None
+    """RUN for a checkpoint at RUN/checkpoints/FILE of a real run directory, else None. Links are
+    followed: the run is where the checkpoint really is. The path is kept as given where that
+    names the same folder (relative paths stay relative)."""
+    real = Path(resume).resolve()
+    run = real.parent.parent
+    if real.parent.name != "checkpoints" or not is_run_dir(run):
+        return None
+    given = Path(resume).parent.parent
+    return given if given.name and given.resolve() == run else run
+
+
+def refuse_links(path: Path) -> None:
+    """A run directory copied from elsewhere may hold links; writing through one (telemetry appended
+    to a linked file, plots into a linked folder) would write outside the run, so refuse them."""
+    for folder, dirs, files in os.walk(path):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(folder, name)):
+                raise UsageError(f"{os.path.join(folder, name)}: is a link inside the run directory; nnperf writes "
+                                 "only inside it: replace the link with a real file or folder")
 
 
 def for_resume(cfg: TrainConfig) -> tuple[Path, bool]:
@@ -80,6 +111,7 @@ def for_resume(cfg: TrainConfig) -> tuple[Path, bool]:
 def prepare_resume(path: Path) -> None:
     """The run directory of a resumed run exists, with checkpoints/; leftovers of a write that a
     crash interrupted are removed."""
+    refuse_links(path)
     (path / "checkpoints").mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path)
 
