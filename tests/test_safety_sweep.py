@@ -268,4 +268,21 @@ def test_sweep_writes_only_its_folder(run_cli, tmp_path, case):
     assert json.loads((folder / "sweep.json").read_text()) == {"study": "u" if "out-dir" in case.id else "t"}
 
 
-CASES = NAMES + INPUT + RUNS  # for tests/count_fault_cases.py
+def _lone_results(root: Path) -> None:
+    spec()(root)
+    (root / "o5").mkdir()
+    (root / "o5" / "results.csv").write_text("mine\n")
+
+
+OVERWRITE = [
+    Case("overwrite-sweep-folder-with-a-lone-results-csv", ["sweep", SPEC, "--out-dir", "../../o5"], 2,
+         ("--out-dir", "not a sweep's", "results.csv"), setup=_lone_results),
+]
+
+
+@pytest.mark.parametrize("case", OVERWRITE, ids=lambda c: c.id)
+def test_sweep_leaves_other_folders_alone(run_cli, tmp_path, case):
+    safety.check(run_cli, tmp_path, case)
+
+
+CASES = NAMES + INPUT + RUNS + OVERWRITE  # for tests/count_fault_cases.py
