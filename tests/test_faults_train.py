@@ -209,3 +209,13 @@ def test_out_of_memory_is_one_line_and_leaves_no_run(run_cli, tmp_path, monkeypa
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "out of memory" in lines[0] and "--batch-size" in lines[0]
     assert not (tmp_path / "runs" / "m").exists()
+
+
+def test_a_crashed_write_is_cleaned_up_when_plot_writes_there_again(run_cli, tmp_path):
+    assert run_cli("train", *QUIET, "--epochs", "1", "--name", "p")[0] == 0
+    out = tmp_path / "plots"
+    out.mkdir()
+    dead = out / ".summary.csv.999999999.abc123.nnperf-tmp"
+    dead.write_bytes(b"half a table")
+    assert run_cli("plot", "runs/p", "--out", str(out))[0] == 0
+    assert not dead.exists() and (out / "summary.csv").is_file()

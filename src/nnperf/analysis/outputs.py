@@ -71,7 +71,10 @@ def refuse_writing_over(flag: str, folder: Path, planned: list[Path], inputs: li
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> None:
-    """fileio.write_with, but an OSError names `path` rather than the temporary file beside it."""
+    """fileio.write_with, but an OSError names `path` rather than the temporary file beside it; what
+    an interrupted earlier write left beside it is removed first."""
+    if Path(path).parent.is_dir():
+        fileio.clean_stale_temps(Path(path).parent, recursive=False)
     try:
         fileio.write_with(path, writer)
     except OSError as e:
