@@ -488,9 +488,9 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
     except OSError as e:
         _forget_if_unsaved(run)
         raise EnvError(_environment_failed(run, e)) from None
-    except (Interrupted, KeyboardInterrupt):
-        raise
-    except BaseException:
+    except Interrupted:
+        raise  # its position is saved
+    except BaseException:  # a bug, a divergence, an abort before the first checkpoint
         _forget_if_unsaved(run)
         raise
     log(final_line(run.pos.best))
