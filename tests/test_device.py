@@ -22,16 +22,19 @@ def test_cpu_precision_follows_bf16_support(monkeypatch, flags, expected):
     assert layout == (expected == "bf16")
 
 
-@pytest.mark.parametrize("bf16,expected,scaler", [(True, "bf16", False), (False, "fp16", True)])
-def test_cuda_precision_follows_the_card(monkeypatch, bf16, expected, scaler):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4" if not bf16 else "A100")
+@pytest.mark.parametrize("capability,expected,scaler", [((8, 0), "bf16", False), ((7, 5), "fp16", True)])
+def test_cuda_precision_follows_the_card(monkeypatch, capability, expected, scaler):
+    # Decided by the training device's compute capability (is_bf16_supported asks the current device).
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4" if capability < (8, 0) else "A100")
     p = devices.choose_precision(torch.device("cuda", 0), None, None)
     assert p.name == expected and p.needs_scaler == scaler
     assert devices.choose_channels_last(torch.device("cuda", 0), p, None)[0]
 
 
-def test_xpu_and_mps_policies():
+def test_xpu_and_mps_policies(monkeypatch):
+    monkeypatch.setattr(devices, "torch_version", lambda: (2, 8))
     assert devices.best_mixed(torch.device("xpu", 0)).name == "bf16"
     assert devices.best_mixed(torch.device("mps")).name == "fp16"
     assert not devices.choose_channels_last(torch.device("mps"), devices.Precision("fp16", ""), None)[0]

@@ -130,3 +130,30 @@ def test_global_avg_pool_matches_adaptive_pool_and_keeps_the_gradient_layout(mem
 def test_small_and_resnet_models_pool_with_the_layout_keeping_pool():
     for name in ("small_cifar", "resnet18"):
         assert any(isinstance(m, GlobalAvgPool) for m in models.build(name, 3, 10, 32).modules())
+
+
+def test_handmade_conv_runs_in_channels_last_and_matches_conv2d():
+    # GPUs default to channels_last: the handmade conv's weight then is not viewable as (O, C*kh*kw).
+    torch.manual_seed(0)
+    mine = HandmadeConv2d(3, 5, kernel_size=3, padding=1).double().to(memory_format=torch.channels_last)
+    assert not mine.weight.is_contiguous()
+    x = torch.randn(2, 3, 9, 11, dtype=torch.double).to(memory_format=torch.channels_last).requires_grad_(True)
+    out = mine(x)
+    ref = nn.functional.conv2d(x, mine.weight, mine.bias, padding=1)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    gx, gw, gb = torch.autograd.grad(out, (x, mine.weight, mine.bias), g)
+    rx, rw, rb = torch.autograd.grad(ref, (x, mine.weight, mine.bias), g)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+    torch.testing.assert_close(gb, rb)
+
+
+def test_convnet3_handmade_trains_one_step_in_channels_last():
+    torch.manual_seed(0)
+    model = models.build("convnet3", 3, 10, 16, width=8, conv_impl="handmade").to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 16, 16).to(memory_format=torch.channels_last)
+    logits = model(x)
+    assert logits.shape == (4, 10)
+    nn.functional.cross_entropy(logits, torch.arange(4)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,16 +96,71 @@ class Precision:
         return self.name == "fp16"
 
 
+def parse_version(text: str) -> tuple[int, int]:
+    """(major, minor) from a version string such as "2.7.1+cpu", "2.8.0a0+git1234" or "6.2.41133-dd7f95766";
+    (0, 0) where it has none."""
+    m = re.match(r"\s*v?(\d+)(?:\.(\d+))?", str(text or ""))
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else (0, 0)
+
+
+def torch_version() -> tuple[int, int]:
+    """The installed torch's (major, minor)."""
+    return parse_version(torch.__version__)
+
+
+def rocm_version() -> tuple[int, int] | None:
+    """The ROCm (HIP) version torch was built with, or None for a CUDA (or CPU-only) build."""
+    hip = getattr(torch.version, "hip", None)
+    return parse_version(hip) if hip else None
+
+
+# AMD architectures with bf16 matrix instructions: CDNA MI100/MI200/MI300/MI350 and RDNA3/RDNA4.
+_ROCM_BF16_ARCHS = ("gfx908", "gfx90a", "gfx940", "gfx941", "gfx942", "gfx950")
+_ROCM_BF16_FAMILIES = ("gfx11", "gfx12")
+# Vega (MI25/MI50/Radeon VII) and RDNA1/2: packed fp16 math but no bf16 hardware.
+_ROCM_FP16_ONLY = ("gfx900", "gfx906", "gfx10")
+
+
+def _rocm_mixed(dev: torch.device, name: str) -> Precision:
+    """ROCm: decide by the GPU's architecture (gcnArchName), never by CUDA capability numbers."""
+    arch = (getattr(torch.cuda.get_device_properties(dev), "gcnArchName", "") or "").split(":")[0].strip()
+    if arch in _ROCM_BF16_ARCHS or arch.startswith(_ROCM_BF16_FAMILIES):
+        return Precision("bf16", f"{name} ({arch}) runs bf16 natively")
+    if arch.startswith(_ROCM_FP16_ONLY):
+        return Precision("fp16", f"{name} ({arch}) lacks bf16 hardware; fp16 with a gradient scaler")
+    with torch.cuda.device(dev):  # is_bf16_supported asks about the current device: make it the training one
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    what = arch or "unknown architecture"
+    if bf16:
+        return Precision("bf16", f"{name} ({what}) reports bf16 support")
+    return Precision("fp16", f"{name} ({what}) reports no bf16 support; fp16 with a gradient scaler")
+
+
 def best_mixed(dev: torch.device) -> Precision:
     """The mixed precision this device runs fastest without losing accuracy."""
     if dev.type == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return Precision("bf16", f"{device_name(dev)} supports bf16 natively")
-        return Precision("fp16", f"{device_name(dev)} lacks native bf16; fp16 with a gradient scaler")
+        name = device_name(dev)
+        if rocm_version() is not None:
+            return _rocm_mixed(dev, name)
+        # Ask about the training device itself (not the current one), by compute capability.
+        major, minor = torch.cuda.get_device_capability(dev)
+        cc = f"compute capability {major}.{minor}"
+        if major >= 8:
+            return Precision("bf16", f"{name} ({cc}) runs bf16 natively")
+        if major == 7:
+            return Precision("fp16", f"{name} ({cc}) lacks native bf16; fp16 with a gradient scaler")
+        return Precision("fp32", f"{name} ({cc}, below 7.0) has no tensor cores and slow or no fp16; "
+                                 "mixed precision would be slower")
     if dev.type == "xpu":
         return Precision("bf16", "Intel XPUs run bf16 natively")
     if dev.type == "mps":
-        return Precision("fp16", "MPS autocast supports fp16")
+        version = torch_version()
+        shown = f"torch {version[0]}.{version[1]}"
+        if version < (2, 5):
+            return Precision("fp32", f"MPS autocast needs torch 2.5 ({shown} installed)")
+        if version < (2, 8):
+            return Precision("fp32", f"fp16 training on MPS (GradScaler) needs torch 2.8 ({shown} installed)")
+        return Precision("fp16", f"MPS autocast supports fp16 with a gradient scaler ({shown})")
     flags = cpu_flags()
     if flags & {"amx_bf16", "avx512_bf16"}:
         found = ", ".join(sorted(flags & {"amx_bf16", "avx512_bf16"}))
@@ -124,11 +181,23 @@ def choose_precision(dev: torch.device, requested: str | None, amp: bool | None)
 
 def choose_channels_last(dev: torch.device, precision: Precision, requested: bool | None) -> tuple[bool, str]:
     """channels_last (NHWC) where the convolution libraries are fastest with it: oneDNN's bf16
-    kernels on CPUs, tensor-core kernels for fp16/bf16 on CUDA/ROCm and XPU."""
+    kernels on CPUs, tensor-core kernels for fp16/bf16 on CUDA and XPU, and on ROCm from version 7
+    (or with PYTORCH_MIOPEN_SUGGEST_NHWC=1)."""
     if requested is not None:
         return requested, "requested with --channels-last" if requested else "--no-channels-last"
     if precision.name == "fp32":
         return False, "fp32 convolutions run as fast in NCHW"
+    rocm = rocm_version() if dev.type == "cuda" else None
+    if rocm is not None:
+        # MIOpen's NHWC kernels are slower than NCHW on most Radeon cards and before ROCm 7,
+        # unless PYTORCH_MIOPEN_SUGGEST_NHWC=1 says otherwise.
+        shown = f"ROCm {rocm[0]}.{rocm[1]}"
+        if os.environ.get("PYTORCH_MIOPEN_SUGGEST_NHWC") == "1":
+            return True, f"{precision.name} convolutions in NHWC on {shown} (PYTORCH_MIOPEN_SUGGEST_NHWC=1)"
+        if rocm[0] >= 7:
+            return True, f"{precision.name} convolutions are fastest in NHWC on {shown}"
+        return False, (f"MIOpen runs NCHW faster than NHWC on {shown} (before ROCm 7; "
+                       "set PYTORCH_MIOPEN_SUGGEST_NHWC=1 to use NHWC)")
     if dev.type in ("cpu", "cuda", "xpu"):
         return True, f"{precision.name} convolutions are fastest in NHWC on {dev.type}"
     return False, f"NHWC brings no speed on {dev.type}"
@@ -149,3 +218,9 @@ def sync(dev: torch.device) -> None:
         torch.xpu.synchronize(dev)
     elif dev.type == "mps":
         torch.mps.synchronize()
+
+
+def accumulator_dtype(dev: torch.device) -> torch.dtype:
+    """The dtype of running sums kept on `dev`: float64 (exact, so a resumed epoch adds up bit for bit
+    the same) where the device has it; float32 on MPS, which has no float64."""
+    return torch.float32 if dev.type == "mps" else torch.float64

@@ -42,7 +42,8 @@ class HandmadeConv2d(nn.Module):
         n, _, h, w = x.shape
         oh, ow = self.output_size(h, w)
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, L)
-        out = self.weight.view(self.out_channels, -1) @ cols  # (N, O, L)
+        # reshape, not view: a channels_last weight (the default layout on GPUs) is not viewable as (O, C*kh*kw).
+        out = self.weight.reshape(self.out_channels, -1) @ cols  # (N, O, L)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1)
         return out.view(n, self.out_channels, oh, ow)
