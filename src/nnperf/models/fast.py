@@ -82,8 +82,15 @@ class FastNet(nn.Module):
         patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
         cov = patches.T @ patches / len(patches)
-        eigenvalues, eigenvectors = torch.linalg.eigh(cov.double())
-        filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]).view(-1, c, k, k)
-        weight = torch.cat([filters, -filters]).to(self.whiten.weight.dtype)
+        filters = _whitening_filters(cov, eps).view(-1, c, k, k)
+        weight = torch.cat([filters, -filters]).to(self.whiten.weight.device, self.whiten.weight.dtype)
         self.whiten.weight.copy_(weight)
         self.whiten.bias.zero_()
+
+
+def _whitening_filters(cov: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rows that whiten data of covariance `cov`, computed in float64 on the CPU (some devices, MPS,
+    have no float64 or no eigh) and returned on cov's device in float32."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov.to("cpu", torch.float64))
+    filters = eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]
+    return filters.to(cov.device, torch.float32)

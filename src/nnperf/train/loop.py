@@ -48,7 +48,7 @@ class Position:
     skipped_in_a_row: int = 0
 
     def reset_sums(self, dev: torch.device) -> None:
-        self.sums = {"loss": torch.zeros((), dtype=torch.float64, device=dev),
+        self.sums = {"loss": torch.zeros((), dtype=devices.accumulator_dtype(dev), device=dev),
                      "top1": torch.zeros((), dtype=torch.int64, device=dev),
                      "top5": torch.zeros((), dtype=torch.int64, device=dev),
                      "images": 0, "seconds": 0.0, "data_wait_s": 0.0, "skipped_steps": 0}
@@ -206,9 +206,37 @@ def _restore_schedule(run: Run, state: dict) -> None:
 
 
 def _restore_rng(run: Run, state: dict) -> None:
-    torch.set_rng_state(state["rng"]["torch"])
-    if run.dev.type == "cuda" and state["rng"].get("cuda"):
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    restore_rng(state["rng"], run.dev)
+
+
+def rng_state(dev: torch.device) -> dict:
+    """The CPU generator's state and that of the training device's own generator (no other device's)."""
+    rng = {"torch": torch.get_rng_state()}
+    if dev.type == "cuda":
+        rng["device"] = {"type": "cuda", "state": torch.cuda.get_rng_state(dev)}
+    elif dev.type == "xpu":
+        rng["device"] = {"type": "xpu", "state": torch.xpu.get_rng_state(dev)}
+    elif dev.type == "mps":
+        rng["device"] = {"type": "mps", "state": torch.mps.get_rng_state()}
+    return rng
+
+
+def restore_rng(rng: dict, dev: torch.device) -> None:
+    """Undo rng_state(); also reads older checkpoints, whose "cuda" entry lists every GPU's state."""
+    torch.set_rng_state(rng["torch"])
+    saved = rng.get("device")
+    if isinstance(saved, dict) and saved.get("type") == dev.type:
+        state = saved["state"]
+    elif dev.type == "cuda" and isinstance(rng.get("cuda"), (list, tuple)) and (dev.index or 0) < len(rng["cuda"]):
+        state = rng["cuda"][dev.index or 0]
+    else:
+        return  # saved on another kind of device (or none): only the CPU state carries over
+    if dev.type == "cuda":
+        torch.cuda.set_rng_state(state, dev)
+    elif dev.type == "xpu":
+        torch.xpu.set_rng_state(state, dev)
+    elif dev.type == "mps":
+        torch.mps.set_rng_state(state)
 
 
 def _restore_position(run: Run, state: dict) -> None:
@@ -229,9 +257,7 @@ def _restore_position(run: Run, state: dict) -> None:
 
 def _state(run: Run) -> dict:
     p = run.pos
-    rng = {"torch": torch.get_rng_state()}
-    if run.dev.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    rng = rng_state(run.dev)
     return {"config": configs.to_dict(run.cfg), "data": run.info, "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler else None, "epoch": p.epoch, "step": p.step,
@@ -287,7 +313,7 @@ def _train_epoch(run: Run, bar) -> None:
                 p.last_finite = (p.global_step + 1, loss)  # a tensor: read only if the run diverges
             if run.tracking is not None:
                 run.tracking.losses.append(loss)
-            s["loss"] += loss.double() * len(y)
+            s["loss"] += loss.to(s["loss"].dtype) * len(y)
             s["top1"] += topk_correct(logits, y, 1)
             s["top5"] += topk_correct(logits, y, 5)
             s["images"] += len(y)

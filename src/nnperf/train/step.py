@@ -44,7 +44,9 @@ class TrainStep:
         self.forward = forward or model
         self.dev, self.precision = dev, precision
         self.label_smoothing = label_smoothing
-        self.grad_norms: list | None = None  # a list: each step's total gradient norm is appended
+        # A list: each step's total gradient norm is appended, as a tensor (no sync per step); a step
+        # the fp16 scaler skipped appends its inf/NaN norm, which the epoch's summary filters out.
+        self.grad_norms: list | None = None
         # --nan-policy skip: a step whose loss or gradients are not finite leaves the weights as they
         # were. Deciding needs the values on the host, one sync per step, so only when asked for.
         self.skip_nonfinite = skip_nonfinite
@@ -126,14 +128,14 @@ def evaluate(model: nn.Module, batches, dev: torch.device, precision: devices.Pr
     model.eval()
     devices.sync(dev)
     start = time.perf_counter()
-    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=dev, dtype=devices.accumulator_dtype(dev))
     top1 = torch.zeros((), device=dev, dtype=torch.int64)
     top5 = torch.zeros((), device=dev, dtype=torch.int64)
     n = 0
     for x, y in batches.epoch(0):
         with devices.autocast(dev, precision):
             logits = tta_logits(model, x, tta).float()
-        batch_loss = F.cross_entropy(logits, y, reduction="sum").double()
+        batch_loss = F.cross_entropy(logits, y, reduction="sum").to(loss_sum.dtype)
         loss_sum += batch_loss
         if batch_losses is not None:
             batch_losses.append(batch_loss / len(y))

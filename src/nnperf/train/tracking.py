@@ -33,9 +33,10 @@ class Tracking:
         if val_losses:
             self.sinks.batch("val_loss", torch.stack(val_losses).float().tolist(), self.val_batches)
             self.val_batches += len(val_losses)
-        grad_norm = torch.stack(self.grad_norms).float().mean().item() if self.grad_norms else None
+        grad_norm, skipped = grad_norm_summary(self.grad_norms)
         scalars = {"train/loss": train["loss"], "train/top1": train["top1"], "train/top5": train["top5"],
                    "train/lr": train["lr"], "train/grad_norm": grad_norm, "train/batch_size": batch_size,
+                   "train/scaler_skipped_steps": skipped,
                    "train/images_per_s": train.get("images_per_s"), "train/data_wait_s": train.get("data_wait_s"),
                    "train/energy_j": train.get("energy_j")}
         if val:
@@ -47,6 +48,19 @@ class Tracking:
 
     def close(self) -> None:
         self.sinks.close()
+
+
+def grad_norm_summary(norms: list) -> tuple[float | None, int | None]:
+    """The mean of the epoch's finite gradient norms, and how many steps had a non-finite one (steps
+    the fp16 scaler skipped); one stack and one read at the end of the epoch."""
+    if not norms:
+        return None, None
+    stacked = torch.stack([n.float() for n in norms])
+    finite = torch.isfinite(stacked)
+    count = finite.sum()
+    mean = torch.where(finite, stacked, 0).sum() / count.clamp_min(1)
+    mean, count = torch.stack([mean, count.float()]).tolist()
+    return (mean if count else None), len(norms) - int(count)
 
 
 def open_tracking(cfg: configs.TrainConfig, run_dir, optimizer: torch.optim.Optimizer,
