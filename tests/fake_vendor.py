@@ -3,13 +3,18 @@ and exception classes of `pynvml` (nvidia-ml-py) and `amdsmi`, with values recor
 
 from __future__ import annotations
 
+import ctypes
 import types
 from enum import IntEnum
 
 
 def fake_pynvml(unsupported: set[str] = frozenset(), uuids=("GPU-8932f937-d72c-4106-c12f-20bd9faed9f6",
-                                                             "GPU-1234abcd-0000-1111-2222-333344445555")):
+                                                             "GPU-1234abcd-0000-1111-2222-333344445555"),
+                mig: dict | None = None):
+    """`uuids`: the GPUs in NVML (PCI) order. `mig`: {MIG device UUID: index of its parent GPU}; a MIG
+    handle answers memory only (utilization, power, clocks... raise NotSupported, as on an A100)."""
     nv = types.SimpleNamespace()
+    mig = mig or {}
 
     class NVMLError(Exception):
         def __init__(self, value):
@@ -27,27 +32,58 @@ def fake_pynvml(unsupported: set[str] = frozenset(), uuids=("GPU-8932f937-d72c-4
         def __init__(self):
             super().__init__(13)
 
-    nv.NVMLError, nv.NVMLError_NotSupported, nv.NVMLError_FunctionNotFound = (
-        NVMLError, NVMLError_NotSupported, NVMLError_FunctionNotFound)
+    class NVMLError_NotFound(NVMLError):  # noqa: N801
+        def __init__(self):
+            super().__init__(6)
+
+    nv.NVMLError, nv.NVMLError_NotSupported, nv.NVMLError_FunctionNotFound, nv.NVMLError_NotFound = (
+        NVMLError, NVMLError_NotSupported, NVMLError_FunctionNotFound, NVMLError_NotFound)
     nv.NVML_TEMPERATURE_GPU, nv.NVML_CLOCK_SM, nv.NVML_CLOCK_MEM = 0, 1, 2
     nv.NVML_PCIE_UTIL_TX_BYTES, nv.NVML_PCIE_UTIL_RX_BYTES = 0, 1
     nv.calls = []
+    nv.device_calls = []
     nv.energy_mj = [123_456_789]
+
+    mig_ok = {"nvmlInit", "nvmlShutdown", "nvmlDeviceGetCount", "nvmlDeviceGetHandleByIndex",
+              "nvmlDeviceGetHandleByUUID", "nvmlDeviceGetUUID", "nvmlDeviceGetMemoryInfo",
+              "nvmlDeviceIsMigDeviceHandle", "nvmlDeviceGetDeviceHandleFromMigDeviceHandle"}
 
     def api(name, result):
         def call(*args):
             nv.calls.append(name)
-            if name in unsupported:
+            if args and isinstance(args[0], tuple):
+                nv.device_calls.append((name, args[0]))  # which device each query asked
+            if name in unsupported or (args and isinstance(args[0], tuple) and args[0][0] == "mig"
+                                       and name not in mig_ok):
                 raise NVMLError_NotSupported()
             return result(*args) if callable(result) else result
         setattr(nv, name, call)
+
+    def by_uuid(u):
+        if not isinstance(u, str):
+            raise TypeError("the binding takes a str or bytes UUID")
+        if u in uuids:
+            return ("handle", uuids.index(u))
+        if u in mig:
+            return ("mig", u, mig[u])
+        raise NVMLError_NotFound()
+
+    def is_mig(h):
+        return ctypes.c_uint(1 if h[0] == "mig" else 0)  # the real binding returns a c_uint
+
+    def parent(h):
+        if h[0] != "mig":
+            raise NVMLError(2)  # NVML_ERROR_INVALID_ARGUMENT
+        return ("handle", h[2])
 
     api("nvmlInit", None)
     api("nvmlShutdown", None)
     api("nvmlDeviceGetCount", len(uuids))
     api("nvmlDeviceGetHandleByIndex", lambda i: ("handle", i))
-    api("nvmlDeviceGetHandleByUUID", lambda u: ("handle", uuids.index(u)))
-    api("nvmlDeviceGetUUID", lambda h: uuids[h[1]])
+    api("nvmlDeviceGetHandleByUUID", by_uuid)
+    api("nvmlDeviceGetUUID", lambda h: uuids[h[1]] if h[0] == "handle" else h[1])
+    api("nvmlDeviceIsMigDeviceHandle", is_mig)
+    api("nvmlDeviceGetDeviceHandleFromMigDeviceHandle", parent)
     # Values of a Tesla T4 under load (nvidia-smi -q -x, driver 515, in the shared fixtures).
     api("nvmlDeviceGetUtilizationRates", lambda h: types.SimpleNamespace(gpu=87, memory=41))
     api("nvmlDeviceGetMemoryInfo", lambda h: types.SimpleNamespace(total=15_843_721_216, used=4_299_161_600,
@@ -82,9 +118,10 @@ class _ClkType(IntEnum):
     MEM = 4
 
 
-def fake_amdsmi(rocm: str = "6.0", activity_na: bool = False):
+def fake_amdsmi(rocm: str = "6.0", activity_na: bool = False, no_sensors: tuple = ()):
     """amdsmi as ROCm 6.0 (current_socket_power, cur_clk, energy key "power") or 6.4+
-    (socket_power "N/A" on Navi, clk, energy_accumulator)."""
+    (socket_power "N/A" on Navi, clk, energy_accumulator). `no_sensors`: temperature sensors
+    ("EDGE", "HOTSPOT", "VRAM") whose reads raise NOT_SUPPORTED, as the edge sensor does on MI300."""
     lib = types.SimpleNamespace()
 
     class AmdSmiException(Exception):
@@ -114,7 +151,15 @@ def fake_amdsmi(rocm: str = "6.0", activity_na: bool = False):
     lib.ticks = [10_000_000]
     lib.amdsmi_get_energy_count = lambda h: {counter: lib.ticks[0], "counter_resolution": 15.259,
                                              "timestamp": 1_700_000_000}
-    lib.amdsmi_get_temp_metric = lambda h, kind, metric: {_TempType.EDGE: 61, _TempType.HOTSPOT: 74_000}[kind]
+    lib.temp_calls = []
+
+    def temp_metric(h, kind, metric):
+        lib.temp_calls.append(_TempType(kind).name)
+        if _TempType(kind).name in no_sensors:
+            raise AmdSmiLibraryException(2)  # AMDSMI_STATUS_NOT_SUPPORTED
+        return {_TempType.EDGE: 61, _TempType.HOTSPOT: 74_000, _TempType.VRAM: 68}[kind]
+
+    lib.amdsmi_get_temp_metric = temp_metric
     clk_key = "clk" if new else "cur_clk"
     lib.amdsmi_get_clock_info = lambda h, kind: {clk_key: {_ClkType.GFX: 2100, _ClkType.MEM: 1000}[kind],
                                                  "min_clk": 500, "max_clk": 2500}

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..fileio import describe_os_error
-from .backends.base import Backend, clean
+from .backends.base import Backend, clean, number
 from .energy import EnergyMeter
 
 MIN_INTERVAL_S = 0.05
 ERRORS_BEFORE_DISABLE = 3
+STUCK_MARGIN_S = 1.0  # beyond a backend's own timeout before its call counts as stuck
 
 
 def phase_file(folder: Path, phase: str) -> Path:
@@ -93,8 +94,9 @@ class _Worker:
     from exiting. The thread only queues what it sampled: the sampler thread collects, judges and writes,
     and calls the backend stuck when one call outlasts the timeout."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, timeout_s: float):
         self.backend = backend
+        self.timeout_s = timeout_s  # one call running longer than this is stuck
         self.errors = 0
         self.disabled: str | None = None
         self.abandoned = False
@@ -188,9 +190,10 @@ class Sampler:
         path_for = out if callable(out) else (lambda phase, folder=Path(out): phase_file(folder, phase))
         self.warn = warn or (lambda msg: print(f"nnperf telemetry: {msg}", file=sys.stderr))
         self.writer = JsonlWriter(path_for, self.warn)
-        self.workers = [_Worker(b) for b in backends]
         self.interval_s = interval_s
         self.timeout_s = timeout_s if timeout_s is not None else max(2.0, 4 * interval_s)
+        self.workers = [_Worker(b, timeout_s if timeout_s is not None else self.backend_timeout(b))
+                        for b in backends]
         self.run = run
         self.energy = EnergyMeter()
         self._where: tuple[str, int | None, int | None] = ("idle", None, None)
@@ -199,6 +202,14 @@ class Sampler:
         self._stopped = False
         self.own_cpu_s = 0.0
         self.samples = 0
+
+    def backend_timeout(self, backend: Backend) -> float:
+        """How long one call of `backend` may run before it counts as stuck, when the caller set no
+        bound for all: a backend with its own `timeout_s` (a vendor tool that takes seconds on a
+        multi-GPU node) gets that plus STUCK_MARGIN_S, so that its own timeout fires first and counts
+        as a failure; any other gets the sampler's default."""
+        own = number(getattr(backend, "timeout_s", None))
+        return max(self.timeout_s, own + STUCK_MARGIN_S) if own is not None and own > 0 else self.timeout_s
 
     # ---- called by the training loop (never blocks) ----
 
@@ -222,7 +233,7 @@ class Sampler:
         if self._thread is not None:
             self._thread.join(timeout=self.timeout_s + 1)  # it never waits on a backend: this is quick
             self._thread = None
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.timeout_s  # tools are killed first: the bound is for the rest
         for w in self.workers:
             w.finish(deadline)
         try:
@@ -275,8 +286,8 @@ class Sampler:
                 self._record(w, t, where, values)
                 continue
             self._collect(w)
-            if w.stuck_s() > self.timeout_s:
-                self._disable(w, f"did not answer within {self.timeout_s:.1f}s")
+            if w.stuck_s() > w.timeout_s:
+                self._disable(w, f"did not answer within {w.timeout_s:.1f}s")
                 w.abandon()
         self.samples += 1
 

@@ -30,6 +30,14 @@ def celsius(value) -> float | None:
     return v / 1000 if v is not None and v > 200 else v
 
 
+# (metric, AmdSmiTemperatureType member): edge, junction (hotspot) and memory (VRAM) sensors.
+TEMP_SENSORS = (("temp_c", "EDGE"), ("temp_hotspot_c", "HOTSPOT"), ("temp_mem_c", "VRAM"))
+
+
+def _not_supported(e: Exception) -> bool:
+    return "NOT_SUPPORTED" in str(getattr(e, "err_info", "")) or "not supported" in str(e).lower()
+
+
 class AmdSmiBackend:
     name = "amdsmi"
 
@@ -39,6 +47,7 @@ class AmdSmiBackend:
         self.device = f"cuda:{hip_index}"
         self.handle = self.lib.amdsmi_get_processor_handles()[visible_index(hip_index)]
         self.missing: dict[str, str] = {}
+        self.no_sensor: dict[str, str] = {}  # temperature metric -> why its sensor is never read
         self.readers: dict[str, Callable[[], dict]] = {
             "activity": self._activity, "power": self._power, "energy": self._energy,
             "temperature": self._temperature, "clocks": self._clocks, "vram": self._vram}
@@ -72,12 +81,21 @@ class AmdSmiBackend:
         return {"energy_j": ticks * resolution / 1e6}  # ticks x resolution = microjoules
 
     def _temperature(self) -> dict:
+        """Each sensor on its own: MI300 has no edge sensor, yet its hotspot and memory read fine. A
+        sensor the GPU lacks is not asked again; the group fails only when every sensor did."""
         kind, metric = self.lib.AmdSmiTemperatureType, self.lib.AmdSmiTemperatureMetric.CURRENT
-        out = {"temp_c": celsius(self.lib.amdsmi_get_temp_metric(self.handle, kind.EDGE, metric))}
-        try:
-            out["temp_hotspot_c"] = celsius(self.lib.amdsmi_get_temp_metric(self.handle, kind.HOTSPOT, metric))
-        except self.lib.AmdSmiException:
-            pass
+        out, error = {}, None
+        for key, sensor in TEMP_SENSORS:
+            if key in self.no_sensor or not hasattr(kind, sensor):
+                continue
+            try:
+                out[key] = celsius(self.lib.amdsmi_get_temp_metric(self.handle, getattr(kind, sensor), metric))
+            except self.lib.AmdSmiLibraryException as e:
+                error = e
+                if _not_supported(e):
+                    self.no_sensor[key] = f"no {sensor.lower()} sensor on this GPU ({getattr(e, 'err_info', None) or e})"
+        if error is not None and not any(v is not None for v in out.values()):
+            raise error  # nothing read: sample() judges the group as a whole
         return out
 
     def _clocks(self) -> dict:
@@ -97,7 +115,7 @@ class AmdSmiBackend:
             try:
                 values = {k: v for k, v in read().items() if v is not None}
             except self.lib.AmdSmiLibraryException as e:
-                if "NOT_SUPPORTED" in str(getattr(e, "err_info", "")) or "not supported" in str(e).lower():
+                if _not_supported(e):
                     del self.readers[group]
                     self.missing[group] = f"not supported on this GPU ({e})"
                 continue
@@ -107,7 +125,11 @@ class AmdSmiBackend:
         return row
 
     def metrics(self) -> tuple[list[str], dict[str, str]]:
-        return metrics_from_probe(self.sample(), self.missing, GROUP_METRICS)
+        recorded, why = metrics_from_probe(self.sample(), self.missing, GROUP_METRICS)
+        for key, reason in self.no_sensor.items():
+            if key in why:
+                why[key] = reason
+        return recorded, why
 
     def close(self) -> None:
         try:
@@ -117,7 +139,7 @@ class AmdSmiBackend:
 
 
 GROUP_METRICS = {"activity": ["gpu_util_pct", "mem_util_pct"], "power": ["power_w"], "energy": ["energy_j"],
-                 "temperature": ["temp_c", "temp_hotspot_c"], "clocks": ["sm_clock_mhz", "mem_clock_mhz"],
+                 "temperature": ["temp_c", "temp_hotspot_c", "temp_mem_c"], "clocks": ["sm_clock_mhz", "mem_clock_mhz"],
                  "vram": ["vram_used_mb", "vram_total_mb"]}
 
 

@@ -13,6 +13,9 @@ METRICS = (
     "sys_cpu_util_pct", "proc_rss_mb", "sys_mem_used_mb", "sys_mem_total_mb",
 )
 TEXT_METRICS = {"throttle_reasons"}
+# Flags that describe a row rather than measure: kept only when true ("mig": the device is a MIG
+# instance, and its power, energy, temperatures and clocks are those of the whole parent GPU).
+FLAGS = {"mig"}
 
 
 class Backend(Protocol):
@@ -21,7 +24,9 @@ class Backend(Protocol):
 
     Optional: `may_hang = False` for reads that cannot block (the sampler then calls them on its own
     thread instead of giving them one), and `abandon()`, called from another thread when the sampler
-    gives up on a `sample()` in flight: it must end that call without blocking (a tool is killed)."""
+    gives up on a `sample()` in flight: it must end that call without blocking (a tool is killed);
+    and `timeout_s`, how long one `sample()` may take before the sampler calls it stuck (plus a margin),
+    for a source slower than the sampler's default bound (a vendor tool on a multi-GPU node)."""
 
     name: str
     device: str
@@ -64,7 +69,10 @@ def clean(raw: Any) -> dict[str, Any]:
         raise TypeError(f"sample() returned {type(raw).__name__}, not a dict")
     out = {}
     for key, value in raw.items():
-        if key in TEXT_METRICS:
+        if key in FLAGS:
+            if value is True:
+                out[key] = True
+        elif key in TEXT_METRICS:
             if isinstance(value, str) and value:
                 out[key] = value
         elif key in METRICS:

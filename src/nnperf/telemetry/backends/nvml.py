@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import time
+import uuid as _uuid
 from typing import Callable
 
 MB = 1024 * 1024
@@ -31,6 +33,35 @@ def nvml_index(cuda_index: int, env: dict | None = None) -> int | str:
     return int(entry) if entry.isdigit() else entry
 
 
+def nvml_uuids(uuid) -> list[str]:
+    """The NVML spellings to try for a CUDA device UUID: as given when it has its prefix already
+    ("GPU-..." or "MIG-..."), else "GPU-<hex>" then "MIG-<hex>" (torch's uuid prints without one)."""
+    if uuid is None:
+        return []
+    raw = getattr(uuid, "bytes", None)
+    text = str(uuid).strip()
+    if isinstance(raw, (bytes, bytearray)) and len(raw) == 16 and not re.fullmatch(r"[0-9a-fA-F-]{32,36}", text):
+        text = str(_uuid.UUID(bytes=bytes(raw)))  # an object that prints no hex form
+    if not text:
+        return []
+    if text.upper().startswith(("GPU-", "MIG-")):
+        return [text]
+    return [f"GPU-{text}", f"MIG-{text}"]
+
+
+def torch_uuid(cuda_index: int):
+    """torch's UUID of CUDA device `cuda_index` (CUDA's own order and CUDA_VISIBLE_DEVICES applied),
+    or None without CUDA or where this torch does not report it."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return getattr(torch.cuda.get_device_properties(cuda_index), "uuid", None)
+    except Exception:  # noqa: BLE001 - no UUID: the index mapping is used instead
+        return None
+
+
 def load_pynvml():
     return importlib.import_module("pynvml")
 
@@ -42,7 +73,15 @@ class NvmlBackend:
         self.nv = nv or load_pynvml()
         self.nv.nvmlInit()
         self.device = f"cuda:{cuda_index}"
-        self.handle = self._handle(nvml_index(cuda_index))
+        # NVML numbers GPUs by PCI bus, CUDA fastest first: the UUID names the same card in both.
+        self.handle = self._by_uuid(torch_uuid(cuda_index))
+        if self.handle is None:
+            self.handle = self._handle(nvml_index(cuda_index))
+        # A MIG instance reports its own memory (and nothing of utilization); power, energy,
+        # temperature, clocks and PCIe exist only for the whole GPU it is part of.
+        self.parent = self._mig_parent(self.handle)
+        self.mig = self.parent is not None
+        self.board = self.parent if self.mig else self.handle
         self.missing: dict[str, str] = {}
         self.readers: dict[str, Callable[[], dict]] = {
             "utilization": self._utilization, "memory": self._memory, "temperature": self._temperature,
@@ -71,6 +110,25 @@ class NvmlBackend:
                     return h
         return self.nv.nvmlDeviceGetHandleByUUID(key)
 
+    def _by_uuid(self, uuid):
+        """The NVML handle of the GPU with this CUDA UUID, or None if NVML knows no such UUID."""
+        for key in nvml_uuids(uuid):
+            try:
+                return self.nv.nvmlDeviceGetHandleByUUID(key)
+            except self.nv.NVMLError:
+                continue
+        return None
+
+    def _mig_parent(self, handle):
+        """The parent GPU of a MIG device handle; None for a whole GPU (or bindings without MIG calls)."""
+        try:
+            is_mig = self.nv.nvmlDeviceIsMigDeviceHandle(handle)
+            if not getattr(is_mig, "value", is_mig):
+                return None
+            return self.nv.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+        except (self.nv.NVMLError, AttributeError):
+            return None
+
     def _utilization(self) -> dict:
         u = self.nv.nvmlDeviceGetUtilizationRates(self.handle)
         return {"gpu_util_pct": u.gpu, "mem_util_pct": u.memory}
@@ -80,25 +138,25 @@ class NvmlBackend:
         return {"vram_used_mb": m.used / MB, "vram_total_mb": m.total / MB}
 
     def _temperature(self) -> dict:
-        return {"temp_c": self.nv.nvmlDeviceGetTemperature(self.handle, self.nv.NVML_TEMPERATURE_GPU)}
+        return {"temp_c": self.nv.nvmlDeviceGetTemperature(self.board, self.nv.NVML_TEMPERATURE_GPU)}
 
     def _power(self) -> dict:
-        return {"power_w": self.nv.nvmlDeviceGetPowerUsage(self.handle) / 1000}
+        return {"power_w": self.nv.nvmlDeviceGetPowerUsage(self.board) / 1000}
 
     def _energy(self) -> dict:
         # Millijoules since the driver loaded (Volta and later).
-        return {"energy_j": self.nv.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1000}
+        return {"energy_j": self.nv.nvmlDeviceGetTotalEnergyConsumption(self.board) / 1000}
 
     def _clocks(self) -> dict:
-        return {"sm_clock_mhz": self.nv.nvmlDeviceGetClockInfo(self.handle, self.nv.NVML_CLOCK_SM),
-                "mem_clock_mhz": self.nv.nvmlDeviceGetClockInfo(self.handle, self.nv.NVML_CLOCK_MEM)}
+        return {"sm_clock_mhz": self.nv.nvmlDeviceGetClockInfo(self.board, self.nv.NVML_CLOCK_SM),
+                "mem_clock_mhz": self.nv.nvmlDeviceGetClockInfo(self.board, self.nv.NVML_CLOCK_MEM)}
 
     def _throttle(self) -> dict:
         get = getattr(self.nv, "nvmlDeviceGetCurrentClocksEventReasons", None)
         try:
-            mask = get(self.handle) if get else self.nv.nvmlDeviceGetCurrentClocksThrottleReasons(self.handle)
+            mask = get(self.board) if get else self.nv.nvmlDeviceGetCurrentClocksThrottleReasons(self.board)
         except self.nv.NVMLError_FunctionNotFound:  # a binding newer than the driver
-            mask = self.nv.nvmlDeviceGetCurrentClocksThrottleReasons(self.handle)
+            mask = self.nv.nvmlDeviceGetCurrentClocksThrottleReasons(self.board)
         return {"throttle_reasons": decode_reasons(int(mask))}
 
     def _pcie(self) -> dict:
@@ -106,11 +164,11 @@ class NvmlBackend:
         if now - self._last_pcie < PCIE_EVERY_S:
             return {}
         self._last_pcie = now
-        return {"pcie_tx_kbps": self.nv.nvmlDeviceGetPcieThroughput(self.handle, self.nv.NVML_PCIE_UTIL_TX_BYTES),
-                "pcie_rx_kbps": self.nv.nvmlDeviceGetPcieThroughput(self.handle, self.nv.NVML_PCIE_UTIL_RX_BYTES)}
+        return {"pcie_tx_kbps": self.nv.nvmlDeviceGetPcieThroughput(self.board, self.nv.NVML_PCIE_UTIL_TX_BYTES),
+                "pcie_rx_kbps": self.nv.nvmlDeviceGetPcieThroughput(self.board, self.nv.NVML_PCIE_UTIL_RX_BYTES)}
 
     def sample(self) -> dict:
-        row = {}
+        row = {"mig": True} if self.mig else {}
         for group, read in list(self.readers.items()):
             try:
                 row.update(read())

@@ -91,10 +91,12 @@ def amd_smi_gpus(text: str) -> list[dict]:
 
 
 class _CliBackend:
-    """Runs a tool, parses one GPU out of its JSON, and paces itself to the tool's own speed."""
+    """Runs a tool for the training GPU alone, parses that GPU out of its JSON, and paces itself to the
+    tool's own speed. `timeout_s` bounds the tool, and tells the sampler how long a call may take before
+    it is stuck: these tools often need over 2 s on a multi-GPU node."""
 
     name: str
-    command: list[str]
+    program: str
     timeout_s = 5.0
 
     def __init__(self, hip_index: int = 0, run=None):
@@ -104,10 +106,14 @@ class _CliBackend:
         self.run = run or self.tool  # run(command, timeout=...) -> a CompletedProcess; tests pass their own
         self.ready_at = 0.0
 
+    @property
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        path = shutil.which(cls.command[0])
-        return (True, path) if path else (False, f"{cls.command[0]} is not on PATH")
+        path = shutil.which(cls.program)
+        return (True, path) if path else (False, f"{cls.program} is not on PATH")
 
     def parse(self, text: str) -> dict:
         raise NotImplementedError
@@ -135,16 +141,48 @@ class _CliBackend:
 
 
 class RocmSmiBackend(_CliBackend):
-    name = "rocm-smi"
-    command = ["rocm-smi", *ROCM_SMI_ARGS]
+    name = program = "rocm-smi"
+
+    @property
+    def command(self) -> list[str]:
+        # `-d N`: the training GPU only (the output still names it cardN), not every card of the node.
+        return ["rocm-smi", "-d", str(self.index), *ROCM_SMI_ARGS]
 
     def parse(self, text: str) -> dict:
-        return parse_rocm_smi_card(rocm_smi_cards(text)[self.index])
+        return parse_rocm_smi_card(rocm_smi_card(text, self.index))
 
 
 class AmdSmiCliBackend(_CliBackend):
-    name = "amd-smi"
-    command = ["amd-smi", "metric", "--json"]
+    name = program = "amd-smi"
+
+    @property
+    def command(self) -> list[str]:
+        # `-g N`: the training GPU only (its object keeps "gpu": N).
+        return ["amd-smi", "metric", "-g", str(self.index), "--json"]
 
     def parse(self, text: str) -> dict:
-        return parse_amd_smi_gpu(amd_smi_gpus(text)[self.index])
+        return parse_amd_smi_gpu(amd_smi_gpu(text, self.index))
+
+
+def rocm_smi_card(text: str, index: int) -> dict:
+    """GPU `index` of a `rocm-smi [-d index] --json` output: its `cardN` object, else the only card."""
+    data = json.loads(text.strip())
+    card = data.get(f"card{index}") if isinstance(data, dict) else None
+    if isinstance(card, dict):
+        return card
+    cards = rocm_smi_cards(text)
+    if len(cards) == 1:
+        return cards[0]
+    raise LookupError(f"rocm-smi reported no card{index}")
+
+
+def amd_smi_gpu(text: str, index: int) -> dict:
+    """GPU `index` of an `amd-smi metric [-g index] --json` output: the object with "gpu": index, else
+    the only one."""
+    gpus = amd_smi_gpus(text)
+    for gpu in gpus:
+        if number(gpu.get("gpu")) == index:
+            return gpu
+    if len(gpus) == 1:
+        return gpus[0]
+    raise LookupError(f"amd-smi reported no gpu {index}")
