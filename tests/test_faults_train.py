@@ -88,8 +88,11 @@ def test_max_steps_then_resume_finishes_the_epoch_exactly(run_cli, tmp_path):
     assert code == 0, err
     state = torch.load(tmp_path / "runs/part/checkpoints/last.pt", weights_only=True)
     assert (state["epoch"], state["step"], state["global_step"]) == (1, 2, 8)  # mid epoch 2, kept
+    best = torch.load(tmp_path / "runs/part/checkpoints/best.pt", weights_only=True)
+    assert (best["epoch"], best["step"]) == (1, 0)  # the cut-short epoch 2 never competes for best.pt
     code, out, err = run_cli("train", "--resume", "runs/part/checkpoints/last.pt")  # --max-steps not carried
     assert code == 0, err
+    assert torch.load(tmp_path / "runs/part/checkpoints/best.pt", weights_only=True)["step"] == 0  # whole epochs only
     assert torch.load(tmp_path / "runs/part/checkpoints/last.pt", weights_only=True)["global_step"] == 18
     _same_run(tmp_path / "runs" / "full", tmp_path / "runs" / "part")
 
@@ -188,7 +191,8 @@ def test_resume_a_ctrl_c_checkpoint_with_max_steps(run_cli, tmp_path, monkeypatc
     monkeypatch.setattr(loop.TrainStep, "__call__", real_step)
     code, out, err = run_cli("train", "--resume", "runs/m/checkpoints/last.pt", "--max-steps", "5")
     assert code == 0, err
-    assert "FINAL top1" in out and "Traceback" not in err
+    assert "FINAL top1" in out and "cut short by --max-steps" in out and "Traceback" not in err
+    assert not (tmp_path / "runs/m/checkpoints/best.pt").exists()
     state = torch.load(tmp_path / "runs/m/checkpoints/last.pt", weights_only=True)
     assert (state["epoch"], state["step"], state["global_step"]) == (0, 5, 5)
     code, out, err = run_cli("train", "--resume", "runs/m/checkpoints/last.pt")

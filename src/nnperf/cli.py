@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -258,12 +259,18 @@ def cmd_test(ns: argparse.Namespace) -> int:
     if not Path(ns.run_dir).is_dir():
         raise UsageError(f"RUN_DIR {ns.run_dir}: no such run directory")
     if not is_run_dir(ns.run_dir):
-        raise UsageError(f"RUN_DIR {ns.run_dir}: not an nnperf run directory (no checkpoints/ and config.yaml); "
+        raise UsageError(f"RUN_DIR {ns.run_dir}: not an nnperf run directory (it needs checkpoints/ and nnperf's "
+                         "own readable config.yaml); "
                          "test.json is kept only in one")
+    from .names import is_inside
+
     result = test(ns.run_dir, ns.checkpoint, ns.split, ns.device, ns.tta)
     print(test_line(result))
     # Kept beside the run for `nnperf report` and `compare`: the last evaluation of each split.
     path = Path(ns.run_dir) / "test.json"
+    if not is_inside(result["checkpoint"], ns.run_dir):
+        print(f"(not kept in {path}: the checkpoint is not one of this run's)")
+        return 0
     try:
         kept = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -370,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nnperf {ns.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `nnperf compare ... | head`: the reader left, which is no error of ours
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as e:  # the environment: disk full, read-only folder, permissions, ...
         from .fileio import describe_os_error
 

@@ -29,7 +29,9 @@ def load(path: str | Path, flag: str = "--resume") -> dict:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a bad file; all mean the same
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if reason.startswith("Weights only load failed"):
+            reason = "it holds objects that a safe load refuses"
         raise UsageError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt? {reason[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"{flag} {path}: not an nnperf checkpoint (use checkpoints/last.pt or best.pt of a run)")
@@ -128,6 +130,11 @@ def resume_config(state: dict, preset: dict, overrides: dict, path: str) -> conf
                              f"(drop --{key} or start a new run)")
     base = {**saved, "max_steps": 0}
     own = rundir.checkpoint_run(path)
+    continues_own = own is not None and "name" not in given and "out_dir" not in given
+    if continues_own and rundir.config_name(own) != saved.get("name"):
+        # A checkpoint of another run dropped into RUN/checkpoints/ must not take RUN over.
+        raise UsageError(f"--resume {path}: this checkpoint is of run '{saved.get('name')}', not of {own} (run "
+                         f"'{rundir.config_name(own)}'); copy it outside {own}/checkpoints to start a new run from it")
     if own is not None:
         base["out_dir"], base["name"] = str(own.parent), own.name
     return configs.build(base, {**given, "resume": str(path)})

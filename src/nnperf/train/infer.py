@@ -64,6 +64,8 @@ def _load_for_predict(path: str) -> tuple[configs.TrainConfig, dict, dict]:
         raw = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if reason.startswith("Weights only load failed"):
+            reason = "it holds objects that a safe load refuses"
         raise UsageError(f"CHECKPOINT {path}: not a readable checkpoint ({reason})") from None
     if isinstance(raw, dict) and raw.get("format") == checkpoint.FORMAT:
         raw = checkpoint.load(path, "CHECKPOINT")  # the same checks as train --resume

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -74,6 +75,7 @@ class Run:
     rows: list = field(default_factory=list)
     pos: Position = field(default_factory=Position)
     fresh: bool = True  # the run directory was made by this invocation
+    partial_val: dict | None = None  # the evaluation where --max-steps cut an epoch short
     stop: StopRequest | None = None
 
     @property
@@ -408,7 +410,11 @@ def _end_epoch(run: Run, log: Callable[[str], None]) -> None:
     write_jsonl(run.dir / "metrics.jsonl", run.rows)
     if run.tracking is not None:
         run.tracking.end_epoch(p.epoch + 1, p.global_step, cfg.batch_size, train_row, val, val_losses)
-    improved = val is not None and (p.best is None or val["top1"] > p.best["top1"])
+    # An epoch that --max-steps cut short is evaluated for the smoke run's FINAL line, but only whole
+    # epochs compete for best.pt: the resume finishes that epoch and evaluates it again.
+    improved = whole and val is not None and (p.best is None or val["top1"] > p.best["top1"])
+    if not whole and val is not None:
+        run.partial_val = {"epoch": p.epoch + 1, "step": p.global_step, **val}
     if improved:
         p.best = {"epoch": p.epoch + 1, "top1": val["top1"], "top5": val["top5"], "loss": val["loss"]}
     if whole:
@@ -465,6 +471,11 @@ def epoch_line(train: dict, val: dict | None) -> str:
             f"{train['seconds']:.1f}s {ips} img/s")
 
 
+def partial_line(val: dict) -> str:
+    return (f"FINAL top1 {val['top1']:.3f}, top5 {val['top5']:.3f}, loss {val['loss']:.3f} (step {val['step']}, "
+            f"epoch {val['epoch']} cut short by --max-steps; not a best.pt: --resume finishes it)")
+
+
 def final_line(best: dict | None) -> str:
     if best is None:
         return "FINAL: no evaluation yet (the run stopped before its first evaluation)"
@@ -474,7 +485,8 @@ def final_line(best: dict | None) -> str:
 def _start_files(run: Run, resumed: bool) -> None:
     if run.cfg.clear_perf:
         rundir.clear_telemetry(run.dir)
-    write_text(run.dir / "config.yaml", configs.to_yaml(run.cfg))
+    # config.yaml reruns the run: without the resume, which belongs to this invocation only.
+    write_text(run.dir / "config.yaml", configs.to_yaml(dataclasses.replace(run.cfg, resume=None)))
     env = envinfo.collect(run.dev, run.hw.precision, run.hw.channels_last)
     env["channels_last_reason"] = run.hw.layout_reason
     env["data"] = run.info
@@ -519,7 +531,7 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
     except BaseException:  # a bug, a divergence, an abort before the first checkpoint
         _forget_if_unsaved(run)
         raise
-    log(final_line(run.pos.best))
+    log(final_line(run.pos.best) if run.pos.best or run.partial_val is None else partial_line(run.partial_val))
     return {"run_dir": str(run.dir), "best": run.pos.best, "epochs": run.pos.epoch, "steps": run.pos.global_step}
 
 

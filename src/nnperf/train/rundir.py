@@ -56,6 +56,9 @@ def check_new(cfg: TrainConfig) -> Path:
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise UsageError(f"--name {cfg.name}: {path} exists and is not a folder; choose another --name")
     if path.exists():
+        if Path.cwd().resolve().is_relative_to(path.resolve()):
+            raise UsageError(f"--overwrite: the current folder is inside {path}, the run it would replace; "
+                             "run the command from outside it")
         if not cfg.overwrite:
             raise UsageError(f"--name: run directory {path} already exists; pass --overwrite to replace it, "
                              f"--resume {path}/checkpoints/last.pt to continue it, or another --name")
@@ -82,8 +85,17 @@ def checkpoint_run(resume: str) -> Path | None:
     run = real.parent.parent
     if real.parent.name != "checkpoints" or not is_run_dir(run):
         return None
-    given = Path(resume).parent.parent
-    return given if given.name and given.resolve() == run else run
+    given = Path(os.path.normpath(resume)).parent.parent
+    return given if given.name not in ("", ".", "..") and given.resolve() == run else run
+
+
+def config_name(run: Path) -> object:
+    """The name in a run directory's config.yaml (None if unreadable)."""
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return saved.get("name") if isinstance(saved, dict) else None
 
 
 def refuse_links(path: Path) -> None:

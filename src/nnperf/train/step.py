@@ -11,6 +11,9 @@ from torch import nn
 from .. import device as devices
 from .optim import SAM
 
+# Memory exhausted is no compiler failure: it is left to the run's own handling, compiled or not.
+OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """How many rows have their label among the k highest logits (k capped at the class count)."""
@@ -70,13 +73,33 @@ class TrainStep:
             logits = self.forward(x)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the batch's loss and logits, detached; `skipped` says whether the update was skipped."""
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed gradients, then forward and backward. A compiled graph whose backward fails (compiled
+        lazily, at the first backward) falls back like a failed forward: this batch again, eagerly, and
+        eager from then on."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, logits = self._loss(x, y)
+        try:
+            self._backward(loss)
+        except Exception as e:
+            fwd = self.forward
+            if not isinstance(fwd, CompiledOrEager) or fwd.failed or isinstance(e, OUT_OF_MEMORY):
+                raise
+            fwd.fall_back(e, "in backward ")
+            del loss, logits  # the failed graph, before the eager pass allocates its own
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, logits = self._loss(x, y)
+            self._backward(loss)
+        return loss, logits
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the batch's loss and logits, detached; `skipped` says whether the update was skipped."""
+        loss, logits = self._forward_backward(x, y)
         self.skipped = False
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             if self.grad_norms is not None or self.skip_nonfinite:
                 self.scaler.unscale_(self.optimizer)  # the norm of the true gradients
                 self._record_grad_norm()
@@ -85,7 +108,6 @@ class TrainStep:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             return loss.detach(), logits.detach()
-        loss.backward()
         if self.skip_nonfinite and self._nonfinite(loss):
             self.skipped = True
             self.optimizer.zero_grad(set_to_none=True)
@@ -150,7 +172,9 @@ def evaluate(model: nn.Module, batches, dev: torch.device, precision: devices.Pr
 
 class CompiledOrEager(nn.Module):
     """The model through torch.compile; if compiling fails (no compiler, unsupported backend), one
-    message and the eager model from then on. Weights are shared, so checkpoints are unaffected."""
+    message and the eager model from then on. Weights are shared, so checkpoints are unaffected.
+    A failure in the compiled backward surfaces outside forward(): TrainStep catches it and calls
+    `fall_back`."""
 
     def __init__(self, model: nn.Module, log):
         super().__init__()
@@ -164,7 +188,13 @@ class CompiledOrEager(nn.Module):
             try:
                 return self.compiled(x)
             except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
-                self.failed = True
-                self.log(f"--compile: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                         "running eager")
+                self.fall_back(e)
         return self.eager(x)
+
+    def fall_back(self, e: BaseException, where: str = "") -> None:
+        """Eager from now on, with one message."""
+        if self.failed:
+            return
+        self.failed = True
+        first = (str(e).splitlines() or [""])[0][:120]
+        self.log(f"--compile: torch.compile failed {where}({type(e).__name__}: {first}); running eager")
