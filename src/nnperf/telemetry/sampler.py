@@ -1,8 +1,10 @@
 """The sampler: a background thread that samples the in-process backends every interval and writes one
 JSON line per (backend, sample), tagged with the phase, epoch and step the training loop was in.
 
-One direction only: the loop tells the sampler where it is (`set_phase`, a plain assignment that never
-blocks); the sampler never calls back. Each backend that may block (a driver call, a vendor tool) samples
+One direction only: the loop tells the sampler where it is (`set_phase`); the sampler never calls back.
+At a phase change, `set_phase` reads each device's energy counter once, through the backend's own
+in-process read (never a vendor tool), so that a phase shorter than the sampling interval still gets
+its energy; otherwise it is a plain assignment. Each backend that may block (a driver call, a vendor tool) samples
 on its own schedule in its own worker thread, so a slow one never delays the others, and one that hangs
 is abandoned after a bounded wait (its tool killed) instead of stopping the others or the process's
 exit. Rows are written by the sampler thread alone; a file that cannot be written switches the files off
@@ -27,6 +29,29 @@ from .energy import EnergyMeter
 MIN_INTERVAL_S = 0.05
 ERRORS_BEFORE_DISABLE = 3
 STUCK_MARGIN_S = 1.0  # beyond a backend's own timeout before its call counts as stuck
+EDGE_SLOW_S = 0.2  # a phase-edge energy read slower than this (or failing) is not tried again
+EDGE_BUSY_S = 0.5  # a backend with a call in flight for longer is not read at a phase edge
+
+
+def energy_reader(backend) -> Callable[[], float | None] | None:
+    """The backend's in-process energy counter read (cumulative joules), or None where it has none.
+
+    A backend's own `read_energy_j()` where it has one; else the "energy" reader group of the library
+    backends (NVML, amdsmi), looked up at each call since one the GPU does not support is dropped; else
+    the CPU backend's RAPL counters. Vendor tools (a process per read, which may block) have none."""
+    own = getattr(backend, "read_energy_j", None)
+    if callable(own):
+        return own
+    readers = getattr(backend, "readers", None)
+    if isinstance(readers, dict) and callable(readers.get("energy")):
+        def from_group():
+            read = readers.get("energy")
+            return read().get("energy_j") if read is not None else None
+        return from_group
+    rapl = getattr(backend, "rapl", None)
+    if rapl is not None and getattr(rapl, "available", False) and callable(getattr(rapl, "joules", None)):
+        return rapl.joules
+    return None
 
 
 def phase_file(folder: Path, phase: str) -> Path:
@@ -105,6 +130,32 @@ class _Worker:
         self.results: queue.SimpleQueue = queue.SimpleQueue()  # (t, where, ok, sample or exception)
         self.busy_since: float | None = None
         self.thread: threading.Thread | None = None
+        self.read_energy = energy_reader(backend)
+        # An in-process backend is called by the sampler thread and, at a phase edge, by the training
+        # thread: the lock keeps the two from interleaving inside its (not thread-safe) state.
+        self.lock = threading.Lock()
+
+    def edge_energy(self) -> float | None:
+        """One energy counter reading for a phase edge, or None. Never waits long: a backend stuck in a
+        call, or in-process one busy on the sampler thread, is skipped, and one whose read failed or was
+        slow is not read at edges again."""
+        if self.read_energy is None or self.disabled or self.abandoned or self.stuck_s() > EDGE_BUSY_S:
+            return None
+        locked = self.thread is None
+        if locked and not self.lock.acquire(timeout=0.05):
+            return None
+        start = time.monotonic()
+        try:
+            value = number(self.read_energy())
+        except Exception:  # noqa: BLE001 - an edge read is a refinement: never worth the run
+            self.read_energy = None
+            return None
+        finally:
+            if locked:
+                self.lock.release()
+        if time.monotonic() - start > EDGE_SLOW_S:
+            self.read_energy = None  # this one read still counts; the next edge goes without
+        return value if value is not None and value >= 0 else None
 
     def start(self, where: Callable[[], tuple], interval_s: float, stop: threading.Event) -> None:
         """In-process reads (may_hang False) are called by the sampler thread itself: no thread."""
@@ -199,6 +250,7 @@ class Sampler:
         self._where: tuple[str, int | None, int | None] = ("idle", None, None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._started = False
         self._stopped = False
         self.own_cpu_s = 0.0
         self.samples = 0
@@ -211,12 +263,28 @@ class Sampler:
         own = number(getattr(backend, "timeout_s", None))
         return max(self.timeout_s, own + STUCK_MARGIN_S) if own is not None and own > 0 else self.timeout_s
 
-    # ---- called by the training loop (never blocks) ----
+    # ---- called by the training loop (never blocks for long) ----
 
     def set_phase(self, phase: str, epoch: int | None = None, step: int | None = None) -> None:
+        before = self._where
+        if self._started and not self._stopped and (phase, epoch) != before[:2]:
+            self._phase_edge(before)
         self._where = (phase, epoch, step)  # one reference assignment: atomic under the GIL
 
+    def _phase_edge(self, before: tuple) -> None:
+        """Close the window `before` with one energy counter reading of each device that has one (the
+        next samples, tagged with the new phase, count from it)."""
+        phase, epoch, _ = before
+        for w in self.workers:
+            try:
+                joules = w.edge_energy()
+                if joules is not None:
+                    self.energy.edge(w.backend.device, w.backend.name, phase, epoch, time.time(), joules)
+            except Exception:  # noqa: BLE001 - telemetry must never fail the loop that calls it
+                continue
+
     def start(self) -> "Sampler":
+        self._started = True
         for w in self.workers:
             w.start(lambda: self._where, self.interval_s, self._stop)
         self._thread = threading.Thread(target=self._loop, name="nnperf-sampler", daemon=True)
@@ -279,7 +347,9 @@ class Sampler:
                 continue
             if w.thread is None:
                 try:
-                    values = clean(w.backend.sample())
+                    with w.lock:
+                        raw = w.backend.sample()
+                    values = clean(raw)
                 except Exception as e:  # noqa: BLE001 - a backend's failure is its own, never the run's
                     self._failed(w, e)
                     continue
