@@ -51,12 +51,20 @@ class Draws:
 
 def draw(n: int, pad: int, flip: bool, gen: torch.Generator, size: tuple[int, int] = (0, 0),
          cutout: int = 0) -> Draws:
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    flips = torch.rand(n, generator=gen) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
-    cy = torch.randint(0, max(1, size[0] - cutout + 1), (n,), generator=gen)
-    cx = torch.randint(0, max(1, size[1] - cutout + 1), (n,), generator=gen)
+    """The draws for `n` images, made on the generator's device (a device generator gives draws
+    already on the device: no host->device copy, so nothing waits for the device's queued work)."""
+    dev = gen.device
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
+    flips = (torch.rand(n, generator=gen, device=dev) < 0.5 if flip
+             else torch.zeros(n, dtype=torch.bool, device=dev))
+    cy = torch.randint(0, max(1, size[0] - cutout + 1), (n,), generator=gen, device=dev)
+    cx = torch.randint(0, max(1, size[1] - cutout + 1), (n,), generator=gen, device=dev)
     return Draws(dy, dx, flips, cy, cx)
+
+
+def _on(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    return t if t.device == dev else t.to(dev)
 
 
 def _source(offset: torch.Tensor, length: int, pad: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +84,8 @@ def crop_flip(images: torch.Tensor, d: Draws, pad: int, mode: str = "zero", cuto
     for a (N,C,H,W) batch, as one gather without materialising the padded batch."""
     n, c, h, w = images.shape
     dev = images.device
-    dy, dx, flips = d.dy.to(dev), d.dx.to(dev), d.flip.to(dev)
+    # Draws made elsewhere (tests) are copied here; the loader makes them on the images' device.
+    dy, dx, flips = _on(d.dy, dev), _on(d.dx, dev), _on(d.flip, dev)
     rows, row_in = _source(dy, h, pad, mode)
     cols, col_in = _source(dx, w, pad, mode)
     # Flipping is reading the crop's columns right to left.
@@ -88,7 +97,7 @@ def crop_flip(images: torch.Tensor, d: Draws, pad: int, mode: str = "zero", cuto
     out = images.reshape(n, c, h * w).gather(2, source).view(n, c, h, w)
     keep = row_in[:, :, None] & col_in[:, None, :]
     if cutout > 0:
-        cy, cx = d.cy.to(dev), d.cx.to(dev)
+        cy, cx = _on(d.cy, dev), _on(d.cx, dev)
         r = torch.arange(h, device=dev)[None, :]
         q = torch.arange(w, device=dev)[None, :]
         in_rows = (r >= cy[:, None]) & (r < cy[:, None] + cutout)

@@ -23,7 +23,36 @@ def fits_on(device: torch.device, nbytes: int) -> bool:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return nbytes <= DEVICE_SHARE * free
+    if device.type == "xpu":
+        xpu = torch.xpu
+        try:  # free memory where this torch can tell it (mem_get_info: torch 2.6+), else the total
+            free = xpu.mem_get_info(device)[0] if hasattr(xpu, "mem_get_info") else \
+                xpu.get_device_properties(device).total_memory
+        except Exception:  # noqa: BLE001 - a driver without the query: the total is the best bound left
+            free = xpu.get_device_properties(device).total_memory
+        return nbytes <= DEVICE_SHARE * free
     return True
+
+
+def draws_on_host(device: torch.device) -> bool:
+    """Whether a batch's random draws are made by a host generator: on the CPU only (the numbers of
+    CPU runs). On an accelerator they are made on the device by a device generator, since copying
+    host draws to the device with a blocking `.to` waits for all queued work: a hidden sync per batch."""
+    return device.type == "cpu"
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, copied without waiting for the device's queued work where that is
+    safe: from pinned memory with non_blocking on CUDA (and ROCm). On other accelerators a plain,
+    blocking copy (MPS corrupts non_blocking copies from pageable memory): the tensor path only
+    copies the epoch's order there, once per epoch; the DataLoader path copies each batch."""
+    if t.device.type != "cpu":
+        return t.to(device, non_blocking=True)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.to(device)
 
 
 class Batches:
@@ -43,6 +72,7 @@ class Batches:
         self.inv_std = 1 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
         flip_gen = torch.Generator().manual_seed(derive_seed(seed, "flip"))
         self.flip_base = torch.rand(self.n, generator=flip_gen) < 0.5  # per image, for alternating flips
+        self._flip_base_dev: torch.Tensor | None = None  # its copy on the device, made once
 
     def _place(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         if fits_on(self.device, split.images.numel()):
@@ -58,15 +88,28 @@ class Batches:
             return torch.arange(self.n)
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch)))
 
+    def _flip_base_on(self, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return self.flip_base
+        if self._flip_base_dev is None:
+            self._flip_base_dev = to_device(self.flip_base, device)
+        return self._flip_base_dev
+
     def prepare(self, images: torch.Tensor, index: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-        """uint8 batch on the device (dataset indices `index`) -> augmented, normalised float batch."""
+        """uint8 batch on the device (dataset indices `index`, on the host or the device) ->
+        augmented, normalised float batch. The draws come from a generator seeded from (seed,
+        epoch, step), on the host for CPU runs and on the images' device otherwise: no per-batch
+        host->device copy, and a resumed run draws exactly what an uninterrupted one would."""
         a = self.augment
         if a.active:
             pad = a.pad if a.crop else 0
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, step))
+            gen_device = torch.device("cpu") if draws_on_host(self.device) else images.device
+            gen = torch.Generator(device=gen_device).manual_seed(derive_seed(self.seed, "augment", epoch, step))
             d = draw(len(images), pad, a.flip == "random", gen, tuple(images.shape[2:]), a.cutout)
             if a.flip == "alternate":
-                d.flip = self.flip_base[index.cpu()] ^ bool(epoch % 2)
+                if index.device.type != gen_device.type:  # a caller's index from the other side
+                    index = index.to(gen_device)
+                d.flip = self._flip_base_on(gen_device)[index] ^ bool(epoch % 2)
             images = crop_flip(images, d, pad, a.pad_mode, a.cutout)
         if self.channels_last:  # reorder the uint8 pixels: a quarter of the bytes of the float batch
             images = images.contiguous(memory_format=torch.channels_last)
@@ -75,15 +118,29 @@ class Batches:
     def _index(self, order: torch.Tensor, step: int) -> torch.Tensor:
         return order[step * self.batch_size:(step + 1) * self.batch_size]
 
+    def _order_for_draws(self, order: torch.Tensor) -> torch.Tensor:
+        """The epoch's order where the draws are made (copied once per epoch, not per batch)."""
+        return order if draws_on_host(self.device) else to_device(order, self.device)
+
+    def _gather(self, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """source[index] on the device. From host memory (a split too large for the GPU) the batch
+        is gathered into pinned memory, so that its copy does not wait for queued device work."""
+        if source.device.type != "cpu" or self.device.type != "cuda":
+            return to_device(source[index], self.device)
+        out = torch.empty((len(index), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+        return torch.index_select(source, 0, index, out=out).to(self.device, non_blocking=True)
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches `start`, `start`+1, ... of `epoch`."""
         order = self.order(epoch)
-        order_here = order.to(self.images.device)
+        order_draws = self._order_for_draws(order)
+        same = order_draws.device.type == self.images.device.type
+        order_here = order_draws if same else to_device(order, self.images.device)  # where the images are
         for step in range(start, len(self)):
             index = self._index(order_here, step)
-            images = self.images[index].to(self.device, non_blocking=True)
-            labels = self.labels[index].to(self.device, non_blocking=True)
-            yield self.prepare(images, self._index(order, step), epoch, step), labels
+            images = self._gather(self.images, index)
+            labels = self._gather(self.labels, index)
+            yield self.prepare(images, self._index(order_draws, step), epoch, step), labels
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -126,7 +183,9 @@ class LoaderBatches(Batches):
 
     def epoch(self, epoch: int, start: int = 0):
         order = self.order(epoch)
+        order_draws = self._order_for_draws(order)
         self.sampler.indices = order[start * self.batch_size:].tolist()
         for step, (images, labels) in enumerate(self.loader, start):
-            images = images.to(self.device, non_blocking=True)
-            yield self.prepare(images, self._index(order, step), epoch, step), labels.to(self.device, non_blocking=True)
+            # Pinned by the DataLoader on CUDA: copies that do not wait for queued device work.
+            images, labels = to_device(images, self.device), to_device(labels, self.device)
+            yield self.prepare(images, self._index(order_draws, step), epoch, step), labels
