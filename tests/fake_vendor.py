@@ -118,10 +118,12 @@ class _ClkType(IntEnum):
     MEM = 4
 
 
-def fake_amdsmi(rocm: str = "6.0", activity_na: bool = False, no_sensors: tuple = ()):
+def fake_amdsmi(rocm: str = "6.0", activity_na: bool = False, no_sensors: tuple = (),
+                bdfs=("0000:c1:00.0", "0000:c2:00.0")):
     """amdsmi as ROCm 6.0 (current_socket_power, cur_clk, energy key "power") or 6.4+
     (socket_power "N/A" on Navi, clk, energy_accumulator). `no_sensors`: temperature sensors
-    ("EDGE", "HOTSPOT", "VRAM") whose reads raise NOT_SUPPORTED, as the edge sensor does on MI300."""
+    ("EDGE", "HOTSPOT", "VRAM") whose reads raise NOT_SUPPORTED, as the edge sensor does on MI300.
+    `bdfs`: the PCI address of each GPU in amdsmi order (handles "gpu0", "gpu1", ...)."""
     lib = types.SimpleNamespace()
 
     class AmdSmiException(Exception):
@@ -137,7 +139,9 @@ def fake_amdsmi(rocm: str = "6.0", activity_na: bool = False, no_sensors: tuple 
     lib.AmdSmiTemperatureType, lib.AmdSmiTemperatureMetric, lib.AmdSmiClkType = _TempType, _TempMetric, _ClkType
     lib.amdsmi_init = lambda *a: None
     lib.amdsmi_shut_down = lambda: None
-    lib.amdsmi_get_processor_handles = lambda: ["gpu0", "gpu1"]
+    handles = [f"gpu{i}" for i in range(len(bdfs))]
+    lib.amdsmi_get_processor_handles = lambda: list(handles)
+    lib.amdsmi_get_gpu_device_bdf = lambda h: bdfs[handles.index(h)]
     new = rocm >= "6.4"
     lib.amdsmi_get_gpu_activity = lambda h: (
         {"gfx_activity": "N/A", "umc_activity": "N/A", "mm_activity": "N/A"} if activity_na

@@ -223,3 +223,52 @@ def test_the_mig_flag_reaches_the_row(cuda_uuids, tmp_path):
     s.stop()
     rows = [json.loads(line) for line in (tmp_path / "idle.jsonl").read_text().splitlines()]
     assert rows and all(r["mig"] is True for r in rows)
+
+
+# ---- 4. amdsmi: the training GPU by PCI address ----
+
+# amdsmi (PCI) order: c1 then c2; HIP, after ROCR_VISIBLE_DEVICES=1,0 and HIP_VISIBLE_DEVICES=0,1
+# compose, numbers the c2 card 0. The index mapping alone sees only HIP_VISIBLE_DEVICES: 0 -> c1.
+AMD_BDFS = ("0000:c1:00.0", "0000:c2:00.0")
+
+
+@pytest.fixture
+def hip_pci(monkeypatch):
+    """Fake torch.cuda on ROCm at its API boundary: HIP device i has the (domain, bus, device) set[i]."""
+    order = []
+
+    def props(i):
+        domain, bus, device = order[i]
+        return types.SimpleNamespace(name="AMD Instinct MI300X", pci_domain_id=domain, pci_bus_id=bus,
+                                     pci_device_id=device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    monkeypatch.setenv("ROCR_VISIBLE_DEVICES", "1,0")
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "0,1")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return order
+
+
+def test_amdsmi_reads_the_card_hip_trains_on_by_its_pci_address(hip_pci):
+    hip_pci += [(0, 0xC2, 0), (0, 0xC1, 0)]
+    lib = fake_amdsmi("6.4", bdfs=AMD_BDFS)
+    assert AmdSmiBackend(0, lib=lib).handle == "gpu1"
+    assert AmdSmiBackend(1, lib=lib).handle == "gpu0"
+
+
+def test_amdsmi_bdf_match_ignores_case_and_the_function_number(hip_pci):
+    hip_pci.append((0, 0xC2, 0))
+    assert AmdSmiBackend(0, lib=fake_amdsmi(bdfs=("0000:C1:00.0", "0000:C2:00.1"))).handle == "gpu1"
+
+
+def test_amdsmi_without_pci_properties_falls_back_to_the_index(hip_pci, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name="AMD Instinct MI100"))  # an older torch
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "1")
+    assert AmdSmiBackend(0, lib=fake_amdsmi(bdfs=AMD_BDFS)).handle == "gpu1"
+
+
+def test_amdsmi_pci_address_it_does_not_know_falls_back_to_the_index(hip_pci):
+    hip_pci.append((0, 0x03, 0))
+    assert AmdSmiBackend(0, lib=fake_amdsmi(bdfs=AMD_BDFS)).handle == "gpu0"

@@ -23,6 +23,46 @@ def visible_index(hip_index: int, env: dict | None = None) -> int:
     return hip_index
 
 
+def pci_bdf(domain, bus, device, function: int = 0) -> str:
+    """The "DDDD:BB:DD.F" spelling of a PCI address, as amdsmi_get_gpu_device_bdf prints it."""
+    return f"{int(domain):04x}:{int(bus):02x}:{int(device):02x}.{int(function):x}"
+
+
+def _bdf_key(bdf, with_function: bool = True) -> str | None:
+    """A BDF normalised for comparison: lower case, full domain, and without ".F" unless asked."""
+    if bdf is None:
+        return None
+    text = (bdf.decode() if isinstance(bdf, (bytes, bytearray)) else str(bdf)).strip().lower()
+    try:
+        head, _, function = text.partition(".")
+        parts = head.split(":")
+        if len(parts) == 2:
+            parts = ["0", *parts]  # "BB:DD.F" without a domain
+        domain, bus, device = (int(x, 16) for x in parts)
+        key = f"{domain:04x}:{bus:02x}:{device:02x}"
+        return f"{key}.{int(function or '0', 16):x}" if with_function else key
+    except ValueError:
+        return None
+
+
+def torch_bdf(hip_index: int) -> str | None:
+    """The PCI address of HIP device `hip_index` as torch sees it (HIP order, with HIP_ and
+    ROCR_VISIBLE_DEVICES applied), function 0; None without a GPU or where this torch lacks the
+    pci_domain_id / pci_bus_id / pci_device_id properties."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties(hip_index)
+        ids = [getattr(props, a, None) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id")]
+        if any(i is None for i in ids):
+            return None
+        return pci_bdf(*ids)
+    except Exception:  # noqa: BLE001 - no address: the index mapping is used instead
+        return None
+
+
 def celsius(value) -> float | None:
     # The API documents millidegrees, yet amd-smi prints the raw value as degrees C and real
     # captures read 36 C: take degrees, but scale a value no GPU can reach.
@@ -45,12 +85,36 @@ class AmdSmiBackend:
         self.lib = lib or load_amdsmi()
         self.lib.amdsmi_init()
         self.device = f"cuda:{hip_index}"
-        self.handle = self.lib.amdsmi_get_processor_handles()[visible_index(hip_index)]
+        handles = self.lib.amdsmi_get_processor_handles()
+        # ROCR_ and HIP_VISIBLE_DEVICES compose and amdsmi need not list GPUs in HIP order: the PCI
+        # address names the same card in both; the index mapping is the fallback.
+        self.handle = self._by_bdf(handles, torch_bdf(hip_index))
+        if self.handle is None:
+            self.handle = handles[visible_index(hip_index)]
         self.missing: dict[str, str] = {}
         self.no_sensor: dict[str, str] = {}  # temperature metric -> why its sensor is never read
         self.readers: dict[str, Callable[[], dict]] = {
             "activity": self._activity, "power": self._power, "energy": self._energy,
             "temperature": self._temperature, "clocks": self._clocks, "vram": self._vram}
+
+    def _by_bdf(self, handles, bdf: str | None):
+        """The handle whose amdsmi BDF is `bdf`: the exact address first, then any function of the
+        same device (torch reports no function number); None when none matches."""
+        get = getattr(self.lib, "amdsmi_get_gpu_device_bdf", None)
+        if bdf is None or get is None:
+            return None
+        known = []
+        for handle in handles:
+            try:
+                known.append((handle, get(handle)))
+            except Exception:  # noqa: BLE001 - a handle without an address cannot match
+                continue
+        for with_function in (True, False):
+            want = _bdf_key(bdf, with_function)
+            for handle, theirs in known:
+                if want is not None and _bdf_key(theirs, with_function) == want:
+                    return handle
+        return None
 
     @staticmethod
     def available() -> tuple[bool, str]:
