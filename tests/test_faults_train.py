@@ -48,6 +48,25 @@ def _nan_at(monkeypatch, calls_with_nan: set[int]):
     monkeypatch.setattr(step_module.TrainStep, "_loss", loss)
 
 
+def _sigint_at_step(monkeypatch, step: int, times: int = 1):
+    """Send SIGINT `times` times to this process as training step `step` (1-based) starts; returns a
+    function that puts the real step back."""
+    from nnperf.train import loop
+
+    real_step = loop.TrainStep.__call__
+    calls = {"n": 0}
+
+    def step_then_signal(self, x, y):
+        calls["n"] += 1
+        if calls["n"] == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(loop.TrainStep, "__call__", step_then_signal)
+    return lambda: monkeypatch.setattr(loop.TrainStep, "__call__", real_step)
+
+
 def test_nan_stops_at_the_step_and_keeps_the_last_finite_best(run_cli, tmp_path, monkeypatch):
     _nan_at(monkeypatch, {9})  # step 3 of epoch 2 (6 steps per epoch)
     code, out, err = run_cli("train", *QUIET, "--epochs", "3", "--name", "n")
@@ -98,25 +117,13 @@ def test_max_steps_then_resume_finishes_the_epoch_exactly(run_cli, tmp_path):
 
 
 def test_two_quick_ctrl_c_in_the_first_epoch_still_save(run_cli, tmp_path, monkeypatch):
-    from nnperf.train import loop
-
-    real_step = loop.TrainStep.__call__
-    calls = {"n": 0}
-
-    def step_then_two_signals(self, x, y):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(self, x, y)
-
-    monkeypatch.setattr(loop.TrainStep, "__call__", step_then_two_signals)
+    restore = _sigint_at_step(monkeypatch, 2, times=2)
     code, out, err = run_cli("train", *QUIET, "--epochs", "2", "--name", "c")
     assert code == 128 + signal.SIGINT, err
     assert "stopping after this step" in err and "Traceback" not in err
     state = torch.load(tmp_path / "runs/c/checkpoints/last.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == (0, 2)
-    monkeypatch.setattr(loop.TrainStep, "__call__", real_step)
+    restore()
     assert run_cli("train", "--resume", "runs/c/checkpoints/last.pt")[0] == 0
 
 
@@ -175,20 +182,9 @@ def test_read_only_out_dir_is_one_line(run_cli, tmp_path):
 
 
 def test_resume_a_ctrl_c_checkpoint_with_max_steps(run_cli, tmp_path, monkeypatch):
-    from nnperf.train import loop
-
-    real_step = loop.TrainStep.__call__
-    calls = {"n": 0}
-
-    def step_then_signal(self, x, y):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(self, x, y)
-
-    monkeypatch.setattr(loop.TrainStep, "__call__", step_then_signal)
+    restore = _sigint_at_step(monkeypatch, 2)
     assert run_cli("train", *QUIET, "--epochs", "2", "--name", "m")[0] == 128 + signal.SIGINT
-    monkeypatch.setattr(loop.TrainStep, "__call__", real_step)
+    restore()
     code, out, err = run_cli("train", "--resume", "runs/m/checkpoints/last.pt", "--max-steps", "5")
     assert code == 0, err
     assert "FINAL top1" in out and "cut short by --max-steps" in out and "Traceback" not in err

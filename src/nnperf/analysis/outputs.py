@@ -71,13 +71,8 @@ def refuse_writing_over(flag: str, folder: Path, planned: list[Path], inputs: li
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], Any]) -> None:
-    """fileio.write_with, but an OSError names `path` rather than the temporary file beside it; what
-    an interrupted earlier write left beside it is removed first."""
+    """fileio.write_with (whose errors name `path`), after removing what an interrupted earlier write
+    left beside it."""
     if Path(path).parent.is_dir():
         fileio.clean_stale_temps(Path(path).parent, recursive=False)
-    try:
-        fileio.write_with(path, writer)
-    except OSError as e:
-        if e.filename is not None and Path(str(e.filename)).name.endswith(fileio.TMP_SUFFIX):
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        raise
+    fileio.write_with(path, writer)

@@ -21,18 +21,23 @@ def save(path: str | Path, state: dict) -> None:
     write_stream(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
-def load(path: str | Path, flag: str = "--resume") -> dict:
-    """A full nnperf checkpoint, or a one-line error saying what is wrong with the file."""
+def read(path: str | Path, flag: str) -> object:
+    """Whatever a torch file holds, read safely (weights_only), or a one-line error about the file."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{flag} {path}: {'not a regular file' if p.exists() else 'no such file'}")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a bad file; all mean the same
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if reason.startswith("Weights only load failed"):
             reason = "it holds objects that a safe load refuses"
         raise UsageError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt? {reason[:160]})") from None
+
+
+def load(path: str | Path, flag: str = "--resume") -> dict:
+    """A full nnperf checkpoint, or a one-line error saying what is wrong with the file."""
+    state = read(path, flag)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"{flag} {path}: not an nnperf checkpoint (use checkpoints/last.pt or best.pt of a run)")
     problem = _missing(state)

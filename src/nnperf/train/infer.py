@@ -58,15 +58,7 @@ def _load_for_predict(path: str) -> tuple[configs.TrainConfig, dict, dict]:
     """(config, data info, weights) from a full checkpoint, or from final_weights.pt beside its run's
     config.yaml and env.json."""
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"CHECKPOINT {path}: {'not a regular file' if p.exists() else 'no such file'}")
-    try:
-        raw = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        if reason.startswith("Weights only load failed"):
-            reason = "it holds objects that a safe load refuses"
-        raise UsageError(f"CHECKPOINT {path}: not a readable checkpoint ({reason})") from None
+    raw = checkpoint.read(path, "CHECKPOINT")
     if isinstance(raw, dict) and raw.get("format") == checkpoint.FORMAT:
         raw = checkpoint.load(path, "CHECKPOINT")  # the same checks as train --resume
         return configs.build(checkpoint.config_of(raw, path, "CHECKPOINT"), {"resume": None}), raw["data"], raw["model"]

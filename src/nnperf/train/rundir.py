@@ -35,11 +35,17 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 
 
 def _is_our_config(path: Path) -> bool:
+    saved = _saved_config(path.parent)
+    return saved is not None and {"model", "dataset"} <= set(saved) <= {f.name for f in fields()}
+
+
+def _saved_config(run: Path) -> dict | None:
+    """A run directory's config.yaml as a mapping, or None if it is missing or unreadable."""
     try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+        saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
-        return False
-    return isinstance(saved, dict) and {"model", "dataset"} <= set(saved) <= {f.name for f in fields()}
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def target(cfg: TrainConfig) -> Path:
@@ -91,11 +97,7 @@ def checkpoint_run(resume: str) -> Path | None:
 
 def config_name(run: Path) -> object:
     """The name in a run directory's config.yaml (None if unreadable)."""
-    try:
-        saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-    return saved.get("name") if isinstance(saved, dict) else None
+    return (_saved_config(run) or {}).get("name")
 
 
 def refuse_links(path: Path) -> None:
