@@ -26,6 +26,7 @@ from . import checkpoint, rundir
 from .build import Hardware, build_model, choose_hardware, eval_batches, load_splits, train_batches
 from .optim import Lookahead, make_optimizer, make_schedule
 from .signals import StopRequest
+from .inputwait import InputWait, measured_by
 from .step import CompiledOrEager, TrainStep, evaluate, topk_correct
 from .tracking import Tracking, open_tracking
 
@@ -290,15 +291,13 @@ def _train_epoch(run: Run, bar) -> None:
     run.model.train()
     if hasattr(run.model, "on_epoch_start"):  # models with an epoch-dependent part (fast: whitening bias)
         run.model.on_epoch_start(p.epoch)
-    devices.sync(run.dev)
-    started = time.perf_counter()
-    waited = 0.0
-    pending = None  # the previous step's loss, checked one step late so the host never waits on the device
     if run.tracking is not None:
         run.tracking.start_epoch(p.global_step)
-    ask = time.perf_counter()
-    for x, y in run.train.epoch(p.epoch, p.step):
-        waited += time.perf_counter() - ask
+    pending = None  # the previous step's loss, checked one step late so the host never waits on the device
+    wait = InputWait(run.dev)
+    devices.sync(run.dev)
+    started = time.perf_counter()
+    for x, y in wait.batches(run.train, p.epoch, p.step):
         _where(run, "train")
         loss, logits = run.step(x, y)
         if pending is not None:
@@ -327,12 +326,11 @@ def _train_epoch(run: Run, bar) -> None:
             run.rows.append({**_train_row(run, "train_step"), "seconds": None, "images_per_s": None})
         if stop.signum is not None or (cfg.max_steps and p.global_step >= cfg.max_steps):
             break
-        ask = time.perf_counter()
     if pending is not None:
         _check_finite(run, *pending)
     devices.sync(run.dev)
     s["seconds"] += time.perf_counter() - started
-    s["data_wait_s"] += waited
+    s["data_wait_s"] += wait.total()
     if stop.signum is not None:
         _save_interrupted(run, stop.signum)
 
@@ -490,6 +488,7 @@ def _start_files(run: Run, resumed: bool) -> None:
     env = envinfo.collect(run.dev, run.hw.precision, run.hw.channels_last)
     env["channels_last_reason"] = run.hw.layout_reason
     env["data"] = run.info
+    env["data_wait_s"] = measured_by(run.dev)
     if resumed:
         env["resumed_at"] = {"epoch": run.pos.epoch, "step": run.pos.step, "global_step": run.pos.global_step}
     write_json(run.dir / "env.json", env)
