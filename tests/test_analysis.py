@@ -145,3 +145,11 @@ def test_a_whole_last_line_without_newline_is_kept_and_a_torn_one_dropped(tmp_pa
     assert list(logs.read_jsonl_frame(path)["t"]) == [1, 2]
     path.write_text('{"t": 1, "power_w": 5}\n{"t": 2, "pow')
     assert list(logs.read_jsonl_frame(path)["t"]) == [1]
+
+
+def test_format_number_for_people():
+    from nnperf.analysis.summary import format_number
+
+    assert [format_number(v) for v in (None, float("nan"), 12345.6, 0.123456, 7, "x")] == \
+        ["-", "-", "12,346", "0.1235", "7", "x"]
+    assert format_number(0.123456, digits=2) == "0.12"

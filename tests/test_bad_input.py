@@ -1,12 +1,16 @@
 """Bad input: one line naming the flag or file, exit status 2, no traceback, nothing damaged."""
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from nnperf import config as configs
+from nnperf.errors import UsageError
 
 from conftest import TINY
 
@@ -47,6 +51,38 @@ def _one_line_error(code, out, err, *needles):
 def test_bad_flags(run_cli, args, needles):
     _one_line_error(*run_cli("train", *TINY, "--epochs", "1", *args), *needles)
     assert not Path("runs").exists() or not any(Path("runs").iterdir())
+
+
+RANGED = [f for f in configs.fields() if f.metadata["range"] is not None]
+
+
+@pytest.mark.parametrize("f", RANGED, ids=[f.name for f in RANGED])
+def test_each_range_accepts_its_bounds_and_names_the_flag_beyond_them(f):
+    bounds, kind = f.metadata["range"], f.metadata["kind"]
+    step = 1 if kind is int else 1e-6
+    low = bounds.min if bounds.above is None else bounds.above + step
+    high = bounds.max if bounds.below is None else bounds.below - step
+    for ok in (low, high):
+        assert getattr(configs.build({}, {f.name: kind(ok)}), f.name) == kind(ok)
+    for bad in (low - step, high + step):
+        with pytest.raises(UsageError) as info:
+            configs.build({}, {f.name: kind(bad)})
+        assert str(info.value) == f"{configs.flag_name(f.name)}: must be {bounds.text}, got {kind(bad)}"
+
+
+def test_range_errors_read_as_before():
+    # The wording users (and scripts that match it) already know.
+    cases = {"epochs": (0, "between 1 and 100000"), "lr": (0.0, "above 0 and at most 100"),
+             "momentum": (1.0, "in [0, 1)"), "weight_decay": (2e4, "0 to 10000"), "seed": (-1, "0 to 2**63-1"),
+             "warmup": (-1, "0 to 10**9 steps"), "max_steps": (-1, "0 to 10**12"),
+             "lookahead_decay": (1.0, "in (0, 1)"), "norm_lr_scale": (0.0, "above 0"), "tta": (3, "0, 1 or 2")}
+    for name, (value, text) in cases.items():
+        with pytest.raises(UsageError, match=re.escape(f"{configs.flag_name(name)}: must be {text}, got {value}")):
+            configs.build({}, {name: value})
+
+
+def test_a_setting_says_only_what_is_used():
+    assert {k for f in configs.fields() for k in f.metadata} == {"help", "kind", "choices", "range"}
 
 
 def test_unknown_flag_is_one_line(run_cli):

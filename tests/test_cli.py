@@ -14,7 +14,9 @@ import torch
 import yaml
 from PIL import Image
 
+from nnperf import config as configs
 from nnperf import device as devices
+from nnperf.train.optim import OPTIMIZERS
 
 from conftest import TINY
 
@@ -87,7 +89,7 @@ def test_config_file_then_flags(run_cli, tmp_path):
     assert saved["epochs"] == 1 and saved["optimizer"] == "adam" and saved["batch_size"] == 32
 
 
-@pytest.mark.parametrize("opt", ["sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "sam"])
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_every_optimizer_learns(run_cli, tmp_path, opt):
     lr = {"adam": "0.003", "adamw": "0.003", "rmsprop": "0.001", "adagrad": "0.02"}.get(opt, "0.05")
     code, _, err = run_cli("train", *TINY, "--epochs", "3", "--optimizer", opt, "--lr", lr, "--name", opt,
@@ -133,9 +135,9 @@ def test_resume_after_two_of_four_epochs_gives_the_same_run(run_cli, tmp_path):
 
 @pytest.mark.parametrize("recipe", [RESUMABLE, FAST_RECIPE], ids=["convnet3", "fast"])
 def test_signal_mid_epoch_saves_position_and_resume_reproduces(run_cli, tmp_path, monkeypatch, recipe):
-    from nnperf.train import loop
+    from nnperf.train import step as step_module
 
-    real_step = loop.TrainStep.__call__
+    real_step = step_module.TrainStep.__call__
     calls = {"n": 0}
 
     def step_then_signal(self, x, y):
@@ -145,13 +147,13 @@ def test_signal_mid_epoch_saves_position_and_resume_reproduces(run_cli, tmp_path
         return real_step(self, x, y)
 
     assert run_cli("train", *recipe, "--epochs", "3", "--name", "full")[0] == 0
-    monkeypatch.setattr(loop.TrainStep, "__call__", step_then_signal)
+    monkeypatch.setattr(step_module.TrainStep, "__call__", step_then_signal)
     code, out, err = run_cli("train", *recipe, "--epochs", "3", "--name", "part")
     assert code == 128 + signal.SIGINT
     assert "nnperf train --resume runs/part/checkpoints/last.pt" in err and "Traceback" not in err
     state = torch.load(tmp_path / "runs/part/checkpoints/last.pt", weights_only=True)
     assert (state["epoch"], state["step"], state["global_step"]) == (1, 4, 10)
-    monkeypatch.setattr(loop.TrainStep, "__call__", real_step)
+    monkeypatch.setattr(step_module.TrainStep, "__call__", real_step)
     code, out, err = run_cli("train", "--resume", "runs/part/checkpoints/last.pt")
     assert code == 0, err
     _same_run(tmp_path / "runs" / "full", tmp_path / "runs" / "part")
@@ -187,15 +189,43 @@ def test_model_help_lists_the_registry(run_cli):
         assert name in out
 
 
-def test_clear_perf_removes_old_telemetry_on_resume(run_cli, tmp_path):
+def test_clear_telemetry_removes_old_telemetry_on_resume(run_cli, tmp_path):
     assert run_cli("train", *TINY, "--epochs", "1", "--name", "r")[0] == 0
     old = tmp_path / "runs" / "r" / "telemetry" / "train_epoch.jsonl"
     old.parent.mkdir(exist_ok=True)
     old.write_text("{}\n")
-    code, _, err = run_cli("train", "--resume", "runs/r/checkpoints/last.pt", "--epochs", "2", "--clear-perf")
+    code, _, err = run_cli("train", "--resume", "runs/r/checkpoints/last.pt", "--epochs", "2", "--clear-telemetry")
     assert code == 0, err
     rows = [json.loads(line) for line in old.read_text().splitlines()] if old.exists() else []
     assert {} not in rows and all(r["epoch"] == 2 for r in rows)  # only the resumed run's samples
+
+
+def test_clear_perf_is_still_accepted_as_clear_telemetry(run_cli, tmp_path):
+    from nnperf import cli
+
+    for flag, value in (("--clear-perf", True), ("--no-clear-perf", False), ("--clear-telemetry", True)):
+        assert cli._parser().parse_args(["train", flag]).clear_telemetry is value
+    code, out, _ = run_cli("train", "--help")
+    assert code == 0 and "--clear-telemetry" in out and "clear-perf" not in out  # the old name is not offered
+    # config.yaml of runs from before the rename, used as a preset or rebuilt from the run directory.
+    (tmp_path / "old.yaml").write_text("clear_perf: true\nepochs: 2\n")
+    assert configs.load_yaml("old.yaml") == {"clear_telemetry": True, "epochs": 2}
+    cfg = configs.build({"clear_perf": True, "dataset": "synthetic"}, {})
+    assert cfg.clear_telemetry
+    assert not configs.build({"clear_perf": True}, {"clear_telemetry": False}).clear_telemetry  # the override wins
+    assert "clear_perf" not in configs.to_dict(cfg)  # new runs save the new name
+
+
+def test_a_run_directory_from_before_the_rename_is_still_a_run(tmp_path):
+    from nnperf.train.rundir import is_run_dir
+
+    run = tmp_path / "runs" / "old"
+    (run / "checkpoints").mkdir(parents=True)
+    saved = {**configs.to_dict(configs.TrainConfig()), "name": "old"}
+    saved["clear_perf"] = saved.pop("clear_telemetry")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert configs.build(saved, {}).name == "old"
+    assert is_run_dir(run)
 
 
 def test_val_split_is_evaluated_and_recorded(run_cli, tmp_path):
@@ -238,7 +268,8 @@ def test_fast_training_leaves_the_whitening_filters_as_initialised(run_cli, tmp_
     from nnperf import config as configs
     from nnperf import models as registry
     from nnperf.train.build import load_splits
-    from nnperf.train.loop import _init_from_data
+    from nnperf.data import DataInfo
+    from nnperf.train.build import _init_from_data
 
     code, _, err = run_cli("train", *FAST_RECIPE, "--epochs", "4", "--optimizer", "muon", "--name", "w")
     assert code == 0, err
@@ -246,6 +277,6 @@ def test_fast_training_leaves_the_whitening_filters_as_initialised(run_cli, tmp_
     # The whitening is data-dependent: compare with a fresh initialisation on the same images.
     fresh = registry.build("fast", 3, 10, 16, width=8)
     splits = load_splits(configs.build({}, {"dataset": "synthetic", "synthetic_size": 192, "image_size": 16}))
-    _init_from_data(fresh, splits.train, state["data"], torch.device("cpu"))
+    _init_from_data(fresh, splits.train, DataInfo.from_dict(state["data"]), torch.device("cpu"))
     torch.testing.assert_close(state["model"]["whiten.weight"], fresh.whiten.weight)
     assert not torch.equal(state["model"]["whiten.bias"], fresh.whiten.bias)  # the bias did learn

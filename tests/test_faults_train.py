@@ -51,9 +51,9 @@ def _nan_at(monkeypatch, calls_with_nan: set[int]):
 def _sigint_at_step(monkeypatch, step: int, times: int = 1):
     """Send SIGINT `times` times to this process as training step `step` (1-based) starts; returns a
     function that puts the real step back."""
-    from nnperf.train import loop
+    from nnperf.train import step as step_module
 
-    real_step = loop.TrainStep.__call__
+    real_step = step_module.TrainStep.__call__
     calls = {"n": 0}
 
     def step_then_signal(self, x, y):
@@ -63,8 +63,8 @@ def _sigint_at_step(monkeypatch, step: int, times: int = 1):
                 os.kill(os.getpid(), signal.SIGINT)
         return real_step(self, x, y)
 
-    monkeypatch.setattr(loop.TrainStep, "__call__", step_then_signal)
-    return lambda: monkeypatch.setattr(loop.TrainStep, "__call__", real_step)
+    monkeypatch.setattr(step_module.TrainStep, "__call__", step_then_signal)
+    return lambda: monkeypatch.setattr(step_module.TrainStep, "__call__", real_step)
 
 
 def test_nan_stops_at_the_step_and_keeps_the_last_finite_best(run_cli, tmp_path, monkeypatch):
@@ -197,13 +197,13 @@ def test_resume_a_ctrl_c_checkpoint_with_max_steps(run_cli, tmp_path, monkeypatc
 
 
 def test_out_of_memory_is_one_line_and_leaves_no_run(run_cli, tmp_path, monkeypatch):
-    from nnperf.train import loop
+    from nnperf.train import build
 
     def no_memory(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 38654705664 bytes.")
 
-    monkeypatch.setattr(loop, "train_batches", no_memory)
+    monkeypatch.setattr(build, "train_batches", no_memory)
     code, out, err = run_cli("train", *QUIET, "--epochs", "1", "--name", "m")
     assert code == 1, err
     lines = err.strip().splitlines()

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import TINY
 from nnperf import device as devices
 from nnperf.models import fast
-from nnperf.train import loop, tracking
+from nnperf.train import checkpoint, step
 
 
 class _Float64Watch(TorchDispatchMode):
@@ -72,35 +72,26 @@ def test_accumulators_stay_float64_on_the_cpu():
     assert devices.accumulator_dtype(torch.device("cpu")) == torch.float64
     assert devices.accumulator_dtype(torch.device("cuda", 1)) == torch.float64
     assert devices.accumulator_dtype(torch.device("mps")) == torch.float32
-    p = loop.Position()
-    p.reset_sums(torch.device("cpu"))
-    assert p.sums["loss"].dtype == torch.float64
-
-
-class _Sinks:
-    def __init__(self):
-        self.scalars = None
-
-    def batch(self, *args):
-        pass
-
-    def epoch(self, epoch, step, scalars, texts):
-        self.scalars = scalars
+    assert step.EpochSums.zero(torch.device("cpu")).loss.dtype == torch.float64
 
 
 def test_non_finite_grad_norms_are_left_out_and_counted():
-    t = tracking.Tracking(_Sinks(), "sgd")
-    t.grad_norms.extend(torch.tensor(v) for v in (1.0, float("inf"), 3.0, float("nan"), 2.0))
-    t.end_epoch(1, 5, 32, {"loss": 1.0, "top1": 0.5, "top5": 1.0, "lr": 0.1}, None, [])
-    assert t.sinks.scalars["train/grad_norm"] == 2.0
-    assert t.sinks.scalars["train/scaler_skipped_steps"] == 2
+    from nnperf import track
+
+    norms = [torch.tensor(v) for v in (1.0, float("inf"), 3.0, float("nan"), 2.0)]
+    grad_norm, skipped = step.grad_norm_summary(norms)
+    row = {"train": {"loss": 1.0, "top1": 0.5, "top5": 1.0, "lr": 0.1}, "val": None, "batch_size": 32,
+           "grad_norm": grad_norm, "scaler_skipped_steps": skipped}
+    scalars = track.epoch_scalars(row)
+    assert scalars["train/grad_norm"] == 2.0
+    assert scalars["train/scaler_skipped_steps"] == 2
 
 
 def test_grad_norm_summary_all_skipped_or_none():
-    assert tracking.grad_norm_summary([]) == (None, None)
-    mean, skipped = tracking.grad_norm_summary([torch.tensor(float("inf"))] * 3)
+    assert step.grad_norm_summary([]) == (None, None)
+    mean, skipped = step.grad_norm_summary([torch.tensor(float("inf"))] * 3)
     assert mean is None and skipped == 3
-    mean, skipped = tracking.grad_norm_summary([torch.tensor(1.0, dtype=torch.float16), torch.tensor(2.0)])
+    mean, skipped = step.grad_norm_summary([torch.tensor(1.0, dtype=torch.float16), torch.tensor(2.0)])
     assert math.isclose(mean, 1.5) and skipped == 0
 
 
@@ -125,11 +116,11 @@ def _fake_cuda(monkeypatch):
 def test_rng_saves_and_restores_only_the_training_gpu(monkeypatch):
     calls = _fake_cuda(monkeypatch)
     dev = torch.device("cuda", 1)
-    rng = loop.rng_state(dev)
+    rng = checkpoint.rng_state(dev)
     assert isinstance(rng["torch"], torch.Tensor)  # what checkpoint validation checks
     assert rng["device"]["type"] == "cuda" and rng["device"]["state"].tolist() == [1]
     assert "cuda" not in rng
-    loop.restore_rng(rng, dev)
+    checkpoint.restore_rng(rng, dev)
     assert calls == [("get", dev), ("set", dev, [1])]
 
 
@@ -137,10 +128,10 @@ def test_rng_of_an_old_checkpoint_with_every_gpu_listed(monkeypatch):
     calls = _fake_cuda(monkeypatch)
     old = {"torch": torch.get_rng_state(), "cuda": [torch.tensor([10], dtype=torch.uint8),
                                                      torch.tensor([11], dtype=torch.uint8)]}
-    loop.restore_rng(old, torch.device("cuda", 1))
+    checkpoint.restore_rng(old, torch.device("cuda", 1))
     assert calls == [("set", torch.device("cuda", 1), [11])]
     calls.clear()
-    loop.restore_rng(old, torch.device("cuda", 3))  # that GPU's entry is missing: CPU state only
+    checkpoint.restore_rng(old, torch.device("cuda", 3))  # that GPU's entry is missing: CPU state only
     assert calls == []
 
 
@@ -152,18 +143,18 @@ def test_rng_of_xpu_and_mps_is_saved(monkeypatch):
         fake.set_rng_state = lambda state, *a, _m=module: got.append((_m, state.tolist(), a))
         monkeypatch.setattr(torch, module, fake, raising=False)
     for dev in (torch.device("xpu", 0), torch.device("mps")):
-        rng = loop.rng_state(dev)
+        rng = checkpoint.rng_state(dev)
         assert rng["device"]["type"] == dev.type
-        loop.restore_rng(rng, dev)
+        checkpoint.restore_rng(rng, dev)
     assert got == [("xpu", [7], (torch.device("xpu", 0),)), ("mps", [7], ())]
     got.clear()
-    loop.restore_rng(loop.rng_state(torch.device("mps")), torch.device("cpu"))  # another device: CPU only
+    checkpoint.restore_rng(checkpoint.rng_state(torch.device("mps")), torch.device("cpu"))  # another device: CPU only
     assert got == []
 
 
 def test_cpu_rng_round_trip():
-    rng = loop.rng_state(torch.device("cpu"))
+    rng = checkpoint.rng_state(torch.device("cpu"))
     assert set(rng) == {"torch"}
     a = torch.rand(3)
-    loop.restore_rng(rng, torch.device("cpu"))
+    checkpoint.restore_rng(rng, torch.device("cpu"))
     assert torch.equal(torch.rand(3), a)

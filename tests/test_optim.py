@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from nnperf import config
-from nnperf.train.optim import SAM, Lookahead, Schedule, decoupled_sgd, make_optimizer, param_groups
+from nnperf.train.optim import (OPTIMIZERS, SAM, SAM_BASES, Lookahead, Schedule, decoupled_sgd, make_optimizer,
+                                 param_groups)
 
 
 def test_schedules_have_their_shapes():
@@ -139,3 +140,28 @@ def test_muon_updates_filters_orthogonally_and_the_rest_by_sgd():
     step = ((rescaled - model[0].weight.detach()) / 0.05).reshape(8, -1)
     sv = torch.linalg.svdvals(step)
     assert sv.min() > 0.5 and sv.max() < 1.3
+
+
+def test_the_registry_and_the_config_list_the_same_optimizers():
+    # config.py names them for --help and validation without importing torch; optim.py builds them.
+    assert tuple(OPTIMIZERS) == config.OPTIMIZERS
+    assert tuple(SAM_BASES) == config.SAM_BASES
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_registered_optimizer_builds_and_steps(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    opt = make_optimizer(config.build({}, {"optimizer": name, "lr": 0.01}), model)
+    x = torch.randn(4, 3, 6, 6)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = lambda: model(x).pow(2).mean().backward()  # noqa: E731
+    loss()
+    opt.step(loss)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("base", list(SAM_BASES))
+def test_sam_wraps_every_base(base):
+    opt = make_optimizer(config.build({}, {"optimizer": "sam", "sam_base": base, "lr": 0.01}), _quadratic_model())
+    assert isinstance(opt, SAM) and type(opt.base) is SAM_BASES[base](config.TrainConfig())[0]

@@ -81,13 +81,36 @@ def test_unreachable_storage_is_one_line_without_the_password(run_cli, tmp_path)
     assert "secret" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_provided_optimizer_spec_covers_seven_optimizers_three_ways():
+def test_provided_optimizer_spec_covers_every_optimizer_three_ways():
     from nnperf.sweep import spec
+    from nnperf.train.optim import OPTIMIZERS
 
     s = spec.load(Path(__file__).parents[1] / "configs" / "sweep-optimizers.yaml")
     per = pd.Series([p["optimizer"] for p in s.grid]).value_counts()
-    assert set(per.index) == {"sgd", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "sam"}
+    # All but muon, which is made for the fast recipe (configs/cifar10-fast.yaml), not small_cifar.
+    assert set(per.index) == set(OPTIMIZERS) - {"muon"}
     assert (per >= 3).all() and s.trials == len(s.grid)
+
+
+def test_optuna_warnings_are_silenced_only_inside_the_sweep(tmp_path):
+    import warnings
+
+    from nnperf.sweep import spec as specs
+    from nnperf.sweep import study as studies
+
+    s = specs.load(_spec(tmp_path))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        storage = studies.storage_for(None, tmp_path / "sweeps" / "t")  # experimental heartbeats, retries
+        studies.open_study(s, storage)
+        assert warnings.filters == filters  # nothing left behind in the process
+    assert [str(w.message) for w in seen if w.category in (optuna.exceptions.ExperimentalWarning,
+                                                            FutureWarning)] == []
+    # Importing the module changes no filter either (a fresh interpreter: here it is imported already).
+    code = ("import warnings, optuna, torch, sqlalchemy, pandas, nnperf.config, nnperf.sweep.spec; "
+            "before = list(warnings.filters); import nnperf.sweep.study; assert warnings.filters == before")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
 
 
 # --- PostgreSQL: two workers, one study ----------------------------------------------------------------
@@ -161,11 +184,18 @@ def test_ctrl_c_saves_the_trial_and_the_next_sweep_resumes_it(run_cli, tmp_path,
 
     real_fit = train_pkg.fit
 
-    def fit_stopped_after_one_epoch(cfg, state=None, log=print, on_epoch=None):
-        def first_epoch_then_ctrl_c(train_row, val):
-            on_epoch(train_row, val)
-            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during epoch 2
-        return real_fit(cfg, state, log, first_epoch_then_ctrl_c)
+    class CtrlC:  # a sink after the sweep's own
+        name = "ctrl-c"
+
+        def log(self, row):
+            if row["kind"] == "epoch":
+                signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during epoch 2
+
+        def close(self):
+            pass
+
+    def fit_stopped_after_one_epoch(cfg, state=None, log=print, sinks=()):
+        return real_fit(cfg, state, log, [*sinks, CtrlC()])
 
     spec = _spec(tmp_path, grid=[{"optimizer": "sgd", "lr": [0.01, 0.05]}])
     monkeypatch.setattr(train_pkg, "fit", fit_stopped_after_one_epoch)

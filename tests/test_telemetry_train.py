@@ -70,9 +70,9 @@ def test_a_failing_backend_never_stops_training(run_cli, tmp_path, monkeypatch):
 
 
 def test_sampler_stops_when_a_signal_stops_training(run_cli, tmp_path, monkeypatch):
-    from nnperf.train import loop
+    from nnperf.train import step as step_module
 
-    real = loop.TrainStep.__call__
+    real = step_module.TrainStep.__call__
     calls = {"n": 0}
 
     def step(self, x, y):
@@ -81,7 +81,7 @@ def test_sampler_stops_when_a_signal_stops_training(run_cli, tmp_path, monkeypat
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, x, y)
 
-    monkeypatch.setattr(loop.TrainStep, "__call__", step)
+    monkeypatch.setattr(step_module.TrainStep, "__call__", step)
     code, _, _ = run_cli("train", *TINY, "--epochs", "2", "--telemetry-interval", "0.05", "--name", "s")
     assert code == 128 + signal.SIGTERM
     assert not [t for t in threading.enumerate() if t.name == "nnperf-sampler"]

@@ -110,34 +110,29 @@ def test_missing_wandb_package_is_one_line(run_cli, monkeypatch):
 
 class _Broken:
     name = "Broken"
+    wants = frozenset({"telemetry"})
 
-    def batch(self, *a):
-        raise ConnectionError("service unreachable")
-
-    def epoch(self, *a):
+    def log(self, row):
+        if row["kind"] == "step":
+            raise ConnectionError("service unreachable")
         raise AssertionError("not called after the first failure")
 
-    def telemetry(self, rows):
-        pass
-
     def close(self):
-        pass
+        raise AssertionError("not called after the first failure")
 
 
 class _Recorder:
     name = "Recorder"
+    wants = frozenset({"telemetry"})
 
     def __init__(self):
         self.epochs, self.rows, self.closed = [], [], False
 
-    def batch(self, *a):
-        pass
-
-    def epoch(self, epoch, step, scalars, texts):
-        self.epochs.append(epoch)
-
-    def telemetry(self, rows):
-        self.rows += rows
+    def log(self, row):
+        if row["kind"] == "epoch":
+            self.epochs.append(row["epoch"])
+        elif row["kind"] == "telemetry":
+            self.rows += row["rows"]
 
     def close(self):
         self.closed = True
@@ -147,9 +142,9 @@ def test_a_failing_sink_is_switched_off_with_one_warning_and_the_others_go_on(tm
     (tmp_path / "telemetry").mkdir()
     (tmp_path / "telemetry" / "train_epoch.jsonl").write_text('{"t": 1, "cpu_util_pct": 50}\n{"t": 2, "cpu_')
     warnings, recorder = [], _Recorder()
-    sinks = track.Sinks([_Broken(), recorder], tmp_path, warnings.append)
-    sinks.batch("train_loss", [1.0], 0)
-    sinks.epoch(1, 10, {"train/loss": 1.0})
+    sinks = track.Sinks([track.BestEffort(_Broken(), warnings.append), recorder], tmp_path, warnings.append)
+    sinks.log({"kind": "step", "step": 1})
+    sinks.log({"kind": "epoch", "epoch": 1, "step": 10, "train": {}, "val": None})
     with open(tmp_path / "telemetry" / "train_epoch.jsonl", "a") as f:
         f.write('util_pct": 60}\n')
     sinks.close()

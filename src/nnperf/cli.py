@@ -22,15 +22,23 @@ class Parser(argparse.ArgumentParser):
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML preset; flags given here override it")
-    for f in configs.fields():
-        meta = f.metadata
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": meta["help"]}
-        if meta["kind"] is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = meta["kind"]
-            kwargs["metavar"] = f.name.upper() if not meta["choices"] else "{" + ",".join(meta["choices"]) + "}"
-        p.add_argument(configs.flag_name(f.name), **kwargs)
+    by_name = {f.name: f for f in configs.fields()}
+    for f in by_name.values():
+        p.add_argument(configs.flag_name(f.name), **_flag_kwargs(f, f.metadata["help"]))
+    for old, new in configs.RENAMED.items():  # deprecated spellings: still accepted, not in --help
+        p.add_argument(configs.flag_name(old), **_flag_kwargs(by_name[new], argparse.SUPPRESS))
+
+
+def _flag_kwargs(f, help: str) -> dict:
+    """add_argument's arguments for config field `f`: its type, or --NAME/--no-NAME for a bool."""
+    meta = f.metadata
+    kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": help}
+    if meta["kind"] is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = meta["kind"]
+        kwargs["metavar"] = f.name.upper() if not meta["choices"] else "{" + ",".join(meta["choices"]) + "}"
+    return kwargs
 
 
 def _parser() -> Parser:

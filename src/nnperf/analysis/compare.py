@@ -9,7 +9,7 @@ from . import logs, plots, runinfo, summary
 
 
 def _fmt(value) -> str:
-    return summary.figure(value) if value is None or isinstance(value, float) else str(value)
+    return summary.format_number(value) if value is None or isinstance(value, float) else str(value)
 
 
 def side_by_side(srcs: list[logs.Source]) -> tuple[pd.DataFrame, list[str]]:

@@ -37,7 +37,7 @@ def _esc(value) -> str:
 
 
 def _num(value, digits: int = 3) -> str:
-    return summary.figure(value, digits)  # plain text: the caller escapes it once
+    return summary.format_number(value, digits)  # plain text: the caller escapes it once
 
 
 def _fixed(value) -> str:

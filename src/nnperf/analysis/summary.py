@@ -54,7 +54,7 @@ def summarise(tele: pd.DataFrame, mets: pd.DataFrame, metric_names: list[str]) -
     return pd.DataFrame(rows)
 
 
-def figure(value, digits: int = 4) -> str:
+def format_number(value, digits: int = 4) -> str:
     """A number for people: "-" when absent, thousands grouped from 1,000, else `digits` significant."""
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "-"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from .augment import Augment
+from .info import DataInfo
 from .loader import Batches, LoaderBatches
-from .sources import Dataset, Split, holdout, load, names
+from .sources import Dataset, Source, Split, holdout, load, names
 
-__all__ = ["Augment", "Batches", "LoaderBatches", "Dataset", "Split", "holdout", "load", "names",
+__all__ = ["Augment", "DataInfo", "Batches", "LoaderBatches", "Dataset", "Source", "Split", "holdout", "load", "names",
            "channel_stats", "choose_augment", "make_batches"]
 
 # Centred 28x28 grayscale sets: on short runs crops and flips cost more than they add
@@ -23,15 +24,15 @@ def channel_stats(split: Split, max_images: int = 10_000) -> tuple[list[float], 
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
-def choose_augment(cfg, image_size: int) -> Augment:
-    """The training augmentation a config asks for; `--augment auto` is crop+flip except for the
-    MNIST family. The crop pads 4 pixels from 32x32 up, else 2, unless --crop-pad says otherwise."""
-    kind = cfg.augment
+def choose_augment(kind: str, dataset: str, image_size: int, *, crop_pad: int | None = None,
+                   flip: str = "random", pad_mode: str = "zero", cutout: int = 0) -> Augment:
+    """The training augmentation `--augment kind` means; `auto` is crop+flip except for the MNIST
+    family. The crop pads 4 pixels from 32x32 up, else 2, unless `crop_pad` says otherwise."""
     if kind == "auto":
-        kind = "none" if cfg.dataset in _NO_AUGMENT else "crop-flip"
-    pad = cfg.crop_pad if cfg.crop_pad is not None else (4 if image_size >= 32 else 2)
-    return Augment(crop=kind in ("crop", "crop-flip"), flip=cfg.flip if kind == "crop-flip" else None,
-                   pad=pad, pad_mode=cfg.pad_mode, cutout=cfg.cutout)
+        kind = "none" if dataset in _NO_AUGMENT else "crop-flip"
+    pad = crop_pad if crop_pad is not None else (4 if image_size >= 32 else 2)
+    return Augment(crop=kind in ("crop", "crop-flip"), flip=flip if kind == "crop-flip" else None,
+                   pad=pad, pad_mode=pad_mode, cutout=cutout)
 
 
 def make_batches(split: Split, batch_size: int, device: torch.device, mean, std, *, loader: str = "tensor",

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tarfile
+import dataclasses
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,6 @@ import torch
 from torchvision import datasets as tvd
 from torchvision.datasets.utils import download_url
 
-from ..config import TrainConfig
 from ..errors import UsageError
 from . import formats
 from .archive import extract_tar
@@ -26,6 +26,26 @@ from .cache import default_dir as default_cache_dir
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_ROOT = Path("data")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Which dataset to read, from where, and how: the settings the readers use, named as the
+    training config names them."""
+
+    dataset: str
+    data: str | None = None  # the folder (default: a per-dataset location)
+    download: bool = True
+    cache_dir: str | None = None
+    image_size: int | None = None  # ImageFolder images are resized to it; synthetic ones made so
+    synthetic_size: int = 2048
+    synthetic_classes: int = 10
+    synthetic_channels: int = 3
+
+    @classmethod
+    def of(cls, settings) -> "Source":
+        """The reader settings of `settings` (a TrainConfig, or anything with these attributes)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass
@@ -52,8 +72,6 @@ class Dataset:
         return tuple(self.train.images.shape[1:])
 
 
-def _as_split(images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> Split:
-    return Split(torch.as_tensor(images, dtype=torch.uint8).contiguous(), torch.as_tensor(labels, dtype=torch.int64))
 
 
 def _download_error(what: str, url: str, err: Exception, root: Path, archive: str) -> UsageError:
@@ -109,9 +127,9 @@ def fetch_cifar(spec: CifarSpec, root: Path, download: bool) -> Path:
     return folder
 
 
-def _load_cifar(spec: CifarSpec, cfg: TrainConfig) -> dict:
-    root = Path(cfg.data) if cfg.data else DEFAULT_ROOT
-    folder = fetch_cifar(spec, root, cfg.download)
+def _load_cifar(spec: CifarSpec, src: Source) -> dict:
+    root = Path(src.data) if src.data else DEFAULT_ROOT
+    folder = fetch_cifar(spec, root, src.download)
     files = [folder / f for f in spec.train_files + spec.test_files + (spec.meta_file,)]
 
     def build() -> dict:
@@ -120,7 +138,7 @@ def _load_cifar(spec: CifarSpec, cfg: TrainConfig) -> dict:
         classes = formats.read_cifar_meta(folder / spec.meta_file, spec.names_key)
         return {"train": _split_dict(xtr, ytr), "test": _split_dict(xte, yte), "classes": classes}
 
-    return cached(cfg.cache_dir, ["cifar", spec.title, file_fingerprint(files)], build)
+    return cached(src.cache_dir, ["cifar", spec.title, file_fingerprint(files)], build)
 
 
 # ---- MNIST and Fashion-MNIST (IDX files) ----------------------------------------------------
@@ -142,17 +160,17 @@ def _remove_if_empty(folders: list[Path]) -> None:
             return
 
 
-def fetch_idx(tv_class: type, title: str, cfg: TrainConfig, extra: tuple[Path, ...] = ()) -> Path:
+def fetch_idx(tv_class: type, title: str, src: Source, extra: tuple[Path, ...] = ()) -> Path:
     """The folder with the four IDX files: --data, torchvision's layout under it, Debian's package
     folder; downloaded from torchvision's mirrors when allowed."""
-    root = Path(cfg.data) if cfg.data else DEFAULT_ROOT
+    root = Path(src.data) if src.data else DEFAULT_ROOT
     raw = root / tv_class.__name__ / "raw"
-    candidates = (root, raw) + (() if cfg.data else extra)
+    candidates = (root, raw) + (() if src.data else extra)
     for folder in candidates:
         if _idx_folder_ok(folder):
             return folder
     looked = ", ".join(str(c) for c in candidates)
-    if not cfg.download:
+    if not src.download:
         hint = " (or apt-get install dataset-fashion-mnist)" if extra else ""
         raise UsageError(f"--data {root}: no {title} IDX files ({', '.join(s + '[.gz]' for s in IDX_STEMS)}) "
                          f"in {looked}; pass --download{hint}")
@@ -175,8 +193,8 @@ def fetch_idx(tv_class: type, title: str, cfg: TrainConfig, extra: tuple[Path, .
     return raw
 
 
-def _load_idx(tv_class: type, title: str, cfg: TrainConfig, extra: tuple[Path, ...] = ()) -> dict:
-    folder = fetch_idx(tv_class, title, cfg, extra)
+def _load_idx(tv_class: type, title: str, src: Source, extra: tuple[Path, ...] = ()) -> dict:
+    folder = fetch_idx(tv_class, title, src, extra)
     files = [formats.find_idx(folder, s) for s in IDX_STEMS]
 
     def build() -> dict:
@@ -184,7 +202,7 @@ def _load_idx(tv_class: type, title: str, cfg: TrainConfig, extra: tuple[Path, .
         xte, yte = formats.read_idx_split(folder, "t10k")
         return {"train": _split_dict(xtr, ytr), "test": _split_dict(xte, yte), "classes": list(tv_class.classes)}
 
-    return cached(cfg.cache_dir, ["idx", title, file_fingerprint(files)], build)
+    return cached(src.cache_dir, ["idx", title, file_fingerprint(files)], build)
 
 
 # ---- ImageFolder ------------------------------------------------------------------------------
@@ -206,12 +224,12 @@ def _extracted(archive: Path, cache_dir: str | None) -> Path:
     return found[0] if found else target
 
 
-def _load_imagefolder(cfg: TrainConfig) -> dict:
-    if not cfg.data:
+def _load_imagefolder(src: Source) -> dict:
+    if not src.data:
         raise UsageError("--data: --dataset imagefolder needs --data DIR with train/<class>/<images>")
-    root = Path(cfg.data)
+    root = Path(src.data)
     if root.is_file() and tarfile.is_tarfile(root):
-        root = _extracted(root, cfg.cache_dir)
+        root = _extracted(root, src.cache_dir)
     if not (root / "train").is_dir():
         raise UsageError(f"--data {root}: no train/ folder (expected {root}/train/<class>/<images>, "
                          "and optionally val/ or test/)")
@@ -228,14 +246,14 @@ def _load_imagefolder(cfg: TrainConfig) -> dict:
     files = [f for f, _ in train_samples + test_samples]
 
     def build() -> dict:
-        xtr = formats.decode_images([f for f, _ in train_samples], cfg.image_size)
+        xtr = formats.decode_images([f for f, _ in train_samples], src.image_size)
         out = {"train": _split_dict(xtr, np.array([i for _, i in train_samples])), "classes": classes}
         if test_samples:
             xte = formats.decode_images([f for f, _ in test_samples], (xtr.shape[3], xtr.shape[2]))
             out["test"] = _split_dict(xte, np.array([i for _, i in test_samples]))
         return out
 
-    return cached(cfg.cache_dir, ["imagefolder", cfg.image_size, file_fingerprint(files)], build)
+    return cached(src.cache_dir, ["imagefolder", src.image_size, file_fingerprint(files)], build)
 
 
 # ---- synthetic ----------------------------------------------------------------------------------
@@ -255,28 +273,29 @@ def make_synthetic(n: int, classes: int, channels: int, size: int, seed: int) ->
     return images, labels
 
 
-def _load_synthetic(cfg: TrainConfig) -> dict:
-    size = cfg.image_size or 32
-    args = (cfg.synthetic_classes, cfg.synthetic_channels, size)
-    n_test = max(cfg.synthetic_size // 4, cfg.synthetic_classes)
-    train = make_synthetic(cfg.synthetic_size, *args, seed=1)
+def _load_synthetic(src: Source) -> dict:
+    size = src.image_size or 32
+    args = (src.synthetic_classes, src.synthetic_channels, size)
+    n_test = max(src.synthetic_size // 4, src.synthetic_classes)
+    train = make_synthetic(src.synthetic_size, *args, seed=1)
     test = make_synthetic(n_test, *args, seed=2)
     return {"train": _split_dict(*train), "test": _split_dict(*test),
-            "classes": [f"class{i}" for i in range(cfg.synthetic_classes)]}
+            "classes": [f"class{i}" for i in range(src.synthetic_classes)]}
 
 
 def _split_dict(images, labels) -> dict:
-    split = _as_split(images, labels)
-    return {"images": split.images, "labels": split.labels}
+    """A split as the cache stores it (plain tensors); `load` makes it a Split."""
+    return {"images": torch.as_tensor(images, dtype=torch.uint8).contiguous(),
+            "labels": torch.as_tensor(labels, dtype=torch.int64)}
 
 
 # ---- registry -------------------------------------------------------------------------------------
 
-SOURCES: dict[str, Callable[[TrainConfig], dict]] = {
-    "cifar10": lambda cfg: _load_cifar(CIFAR10, cfg),
-    "cifar100": lambda cfg: _load_cifar(CIFAR100, cfg),
-    "fashion-mnist": lambda cfg: _load_idx(tvd.FashionMNIST, "Fashion-MNIST", cfg, (DEBIAN_FASHION_MNIST,)),
-    "mnist": lambda cfg: _load_idx(tvd.MNIST, "MNIST", cfg),
+SOURCES: dict[str, Callable[[Source], dict]] = {
+    "cifar10": lambda src: _load_cifar(CIFAR10, src),
+    "cifar100": lambda src: _load_cifar(CIFAR100, src),
+    "fashion-mnist": lambda src: _load_idx(tvd.FashionMNIST, "Fashion-MNIST", src, (DEBIAN_FASHION_MNIST,)),
+    "mnist": lambda src: _load_idx(tvd.MNIST, "MNIST", src),
     "imagefolder": _load_imagefolder,
     "synthetic": _load_synthetic,
 }
@@ -286,18 +305,18 @@ def names() -> list[str]:
     return list(SOURCES)
 
 
-def load(cfg: TrainConfig) -> Dataset:
-    """Read (or fetch) the dataset that `cfg` names."""
-    if cfg.dataset not in SOURCES:
-        raise UsageError(f"--dataset: unknown dataset '{cfg.dataset}' (choose from {', '.join(SOURCES)})")
-    raw = SOURCES[cfg.dataset](cfg)
+def load(src: Source) -> Dataset:
+    """Read (or fetch) the dataset that `src` names."""
+    if src.dataset not in SOURCES:
+        raise UsageError(f"--dataset: unknown dataset '{src.dataset}' (choose from {', '.join(SOURCES)})")
+    raw = SOURCES[src.dataset](src)
     test = raw.get("test")
-    ds = Dataset(cfg.dataset, list(raw["classes"]), Split(**raw["train"]), Split(**test) if test else None)
+    ds = Dataset(src.dataset, list(raw["classes"]), Split(**raw["train"]), Split(**test) if test else None)
     if len(ds.train) == 0:
-        raise UsageError(f"--dataset {cfg.dataset}: the training split is empty")
+        raise UsageError(f"--dataset {src.dataset}: the training split is empty")
     bad = int(ds.train.labels.max()) >= len(ds.classes)
     if bad:
-        raise UsageError(f"--dataset {cfg.dataset}: labels exceed the {len(ds.classes)} class names")
+        raise UsageError(f"--dataset {src.dataset}: labels exceed the {len(ds.classes)} class names")
     return ds
 
 

@@ -11,6 +11,7 @@ died (no heartbeat for a while) has its trial failed and queued again by the nex
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -28,13 +29,11 @@ from optuna.trial import TrialState
 # Optuna 4.9 renamed the callback that re-queues a trial whose worker stopped beating.
 RetryStale = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
               or optuna.storages.RetryFailedTrialCallback)
-for _quiet in (optuna.exceptions.ExperimentalWarning, FutureWarning):
-    warnings.filterwarnings("ignore", category=_quiet, module=r"optuna\.|nnperf\.sweep")
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # nnperf prints its own line per trial
 
 from .. import config as configs
 from ..errors import Interrupted, UsageError
+from ..track import StopRun
 from .spec import Param, Spec
 
 HEARTBEAT_S, GRACE_S = 30, 120
@@ -42,6 +41,25 @@ SLOT = "slot"  # user attr of the trials created up front
 POINT = "grid_point"  # user attr: the trial's grid settings, as JSON
 
 
+def quiet(function: Callable) -> Callable:
+    """Run `function` without Optuna's warnings that mean nothing to a user of nnperf: the
+    experimental features and deprecations it uses (heartbeats, retried trials), and that heartbeats
+    are meant for Study.optimize (a sweep asks and tells). Only while it runs: the filters are not
+    left in the process."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with warnings.catch_warnings():
+            for category in (optuna.exceptions.ExperimentalWarning, FutureWarning):
+                warnings.filterwarnings("ignore", category=category, module=r"optuna\.|nnperf\.sweep")
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with "
+                                                      "Study.optimize")
+            return function(*args, **kwargs)
+
+    return run
+
+
+@quiet
 def storage_for(url: str | None, folder: Path) -> RDBStorage:
     """SQLite in the sweep folder by default; any SQLAlchemy URL (postgresql://...) otherwise."""
     if url is None:
@@ -83,6 +101,7 @@ def _pruner(spec: Spec) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
 
 
+@quiet
 def open_study(spec: Spec, storage: RDBStorage) -> optuna.Study:
     """Create the study with all its waiting trials, or join it if it exists with the same spec."""
     try:
@@ -177,6 +196,32 @@ def heartbeat(storage: RDBStorage, trial: optuna.Trial):
         thread.join()
 
 
+class Pruned(StopRun):
+    """The pruner stopped the trial (after its epoch was saved)."""
+
+
+class Pruning:
+    """A training sink (track.Sink): reports each validation top-1 to the trial, and ends a trial
+    that the pruner stops. After the last epoch there is nothing left to save: the trial completes."""
+
+    name = "sweep pruning"
+
+    def __init__(self, trial: optuna.Trial, epochs: int):
+        self.trial, self.epochs = trial, epochs
+
+    def log(self, row: dict) -> None:
+        val = row.get("val") if row["kind"] == "epoch" else None
+        if val is None:
+            return
+        epoch = row["train"]["epoch"]
+        self.trial.report(val["top1"], epoch)
+        if epoch < self.epochs and self.trial.should_prune():
+            raise Pruned(f"epoch {epoch}: val top-1 {val['top1']:.4f}")
+
+    def close(self) -> None:
+        pass
+
+
 def run_trial(study: optuna.Study, trial: optuna.Trial, spec: Spec, folder: Path,
               log: Callable[[str], None]) -> None:
     from ..train import checkpoint, fit
@@ -198,17 +243,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: Spec, folder: Path
     shown = json.dumps(_suggest_shown(settings, spec))
     log(f"trial {trial.number}: {shown}" + (f" (resuming {resume})" if resume else ""))
 
-    def report(train_row: dict, val: dict | None) -> None:
-        if val is not None:
-            trial.report(val["top1"], train_row["epoch"])
-            # After the last epoch there is nothing left to save: the trial completes.
-            if train_row["epoch"] < cfg.epochs and trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {train_row['epoch']}: val top-1 {val['top1']:.4f}")
-
     run_dir = Path(cfg.out_dir) / cfg.name
     try:
-        result = fit(cfg, state, log=lambda line: None, on_epoch=report)
-    except optuna.TrialPruned as e:
+        result = fit(cfg, state, log=lambda line: None, sinks=[Pruning(trial, cfg.epochs)])
+    except Pruned as e:
         _set_attrs(trial, _result_attrs(run_dir))
         study.tell(trial, state=TrialState.PRUNED)
         log(f"trial {trial.number}: pruned at {e}")
@@ -262,6 +300,7 @@ def _set_attrs(trial: optuna.Trial, attrs: dict) -> None:
         trial.set_user_attr(key, value)
 
 
+@quiet
 def work(spec: Spec, storage: RDBStorage, folder: Path, max_trials: int | None,
          log: Callable[[str], None]) -> int:
     """Take waiting trials until none is left (or `max_trials` were run here); returns how many ran."""

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import yaml
 
-from . import missing_package, telemetry_scalars
+from . import Tracker, epoch_scalars, missing_package, telemetry_scalars
 
 
-class TensorBoardSink:
+class TensorBoardSink(Tracker):
     name = "TensorBoard"
 
-    def __init__(self, folder: Path, config: dict):
+    def __init__(self, folder: Path, config: dict, optimizer_text: str):
+        super().__init__()
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -20,17 +21,18 @@ class TensorBoardSink:
         self.writer = SummaryWriter(log_dir=str(folder))
         # Markdown code block: TensorBoard's text plugin renders the YAML as written.
         self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
+        self.optimizer_text = optimizer_text
 
-    def batch(self, tag: str, values: list[float], first_step: int) -> None:
-        for i, value in enumerate(values):
-            self.writer.add_scalar(f"batch/{tag}", value, first_step + i)
-
-    def epoch(self, epoch: int, step: int, scalars: dict[str, float], texts: dict[str, str]) -> None:
-        for tag, value in scalars.items():
+    def epoch(self, row: dict) -> None:
+        epoch = row["epoch"]
+        for tag, x, value in self.batches.points(row):
+            self.writer.add_scalar(tag, value, x)
+        for tag, value in epoch_scalars(row).items():
             if value is not None:
                 self.writer.add_scalar(tag, value, epoch)
-        for tag, text in texts.items():
-            self.writer.add_text(tag, text, epoch)
+        if self.optimizer_text:
+            self.writer.add_text("optimizer", self.optimizer_text, epoch)
+            self.optimizer_text = ""
         self.writer.flush()
 
     def telemetry(self, rows: list[dict]) -> None:

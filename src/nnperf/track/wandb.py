@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from . import missing_package, telemetry_scalars
+from . import Tracker, epoch_scalars, missing_package, telemetry_scalars
 
 
 def has_api_key() -> bool:
@@ -23,10 +23,11 @@ def has_api_key() -> bool:
         return False
 
 
-class WandbSink:
+class WandbSink(Tracker):
     name = "W&B"
 
-    def __init__(self, cfg, run_dir: Path, config: dict, warn: Callable[[str], None]):
+    def __init__(self, cfg, run_dir: Path, config: dict, optimizer_text: str, warn: Callable[[str], None]):
+        super().__init__()
         try:
             import wandb
         except ImportError:
@@ -38,20 +39,17 @@ class WandbSink:
                              ("telemetry/*", "telemetry/elapsed_s")):
             self.run.define_metric(axis, hidden=True)
             self.run.define_metric(prefix, step_metric=axis)
+        self.run.summary.update({"optimizer": optimizer_text})
         self.t0: float | None = None
         where = Path(self.run.dir).parent if mode == "offline" else self.run.url
         warn(f"W&B {mode}: {where}" + (" (upload later with: wandb sync " + str(where) + ")"
                                       if mode == "offline" else ""))
 
-    def batch(self, tag: str, values: list[float], first_step: int) -> None:
-        for i, value in enumerate(values):
-            self.run.log({f"batch/{tag}": value, "global_step": first_step + i})
-
-    def epoch(self, epoch: int, step: int, scalars: dict[str, float], texts: dict[str, str]) -> None:
-        row = {tag: value for tag, value in scalars.items() if value is not None}
-        if texts:
-            self.run.summary.update(texts)
-        self.run.log({**row, "epoch": epoch})
+    def epoch(self, row: dict) -> None:
+        for tag, x, value in self.batches.points(row):
+            self.run.log({tag: value, "global_step": x})
+        scalars = {tag: value for tag, value in epoch_scalars(row).items() if value is not None}
+        self.run.log({**scalars, "epoch": row["epoch"]})
 
     def telemetry(self, rows: list[dict]) -> None:
         for row in rows:

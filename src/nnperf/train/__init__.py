@@ -1,6 +1,7 @@
 """Training, evaluation and inference."""
 
-from .infer import predict, test, test_line
+from ..lines import test_line
+from .infer import predict, test
 from .loop import fit
 
 __all__ = ["fit", "predict", "test", "test_line"]

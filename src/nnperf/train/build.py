@@ -1,17 +1,26 @@
-"""Build the data splits and the model a config describes (shared by train, test and predict)."""
+"""Build what a config describes: the data splits and the model (shared by train, test and
+predict), and for training the whole run, checked before anything is written."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .. import data, models
+from .. import data, models, track
 from .. import device as devices
 from ..config import TrainConfig
 from ..errors import UsageError
+from . import checkpoint, rundir
+from .optim import Lookahead, make_optimizer, make_schedule
+from .signals import StopRequest
+from .step import CompiledOrEager, EpochSums, TrainStep
+
+# Images the data-dependent initialisation (the fast model's whitening layer) looks at.
+INIT_IMAGES = 5000
 
 SPLITS = ("train", "val", "test")
 
@@ -42,7 +51,7 @@ class Splits:
     train: data.Split
     val: data.Split | None
     test: data.Split | None
-    info: dict  # classes, shape, normalisation and augmentation: saved with every checkpoint
+    info: data.DataInfo  # saved with every checkpoint
 
     def get(self, name: str) -> data.Split:
         split = getattr(self, name)
@@ -54,33 +63,174 @@ class Splits:
 
 def load_splits(cfg: TrainConfig) -> Splits:
     """The dataset, with `--val-split` images held out; evaluation uses val if held out, else test."""
-    ds = data.load(cfg)
+    ds = data.load(data.Source.of(cfg))
     train, val = (data.holdout(ds.train, cfg.val_split, cfg.split_seed) if cfg.val_split else (ds.train, None))
     if val is None and ds.test is None:
         raise UsageError(f"--val-split: {cfg.dataset} at {cfg.data} has no test split; "
                          "hold out training images with --val-split N")
     mean, std = data.channel_stats(train)
-    channels, height, width = ds.shape
-    augment = data.choose_augment(cfg, min(height, width))
-    info = {"dataset": cfg.dataset, "classes": ds.classes, "shape": [channels, height, width], "mean": mean,
-            "std": std, "augment": dataclasses.asdict(augment), "eval_split": "val" if val is not None else "test",
-            "train_images": len(train), "eval_images": len(val if val is not None else ds.test)}
+    augment = data.choose_augment(cfg.augment, cfg.dataset, min(ds.shape[1:]), crop_pad=cfg.crop_pad, flip=cfg.flip,
+                                  pad_mode=cfg.pad_mode, cutout=cfg.cutout)
+    info = data.DataInfo(ds.classes, ds.shape, mean, std, augment, "val" if val is not None else "test",
+                         cfg.dataset, len(train), len(val if val is not None else ds.test))
     return Splits(train, val, ds.test, info)
 
 
-def build_model(cfg: TrainConfig, info: dict, dev: torch.device, channels_last: bool = False) -> nn.Module:
-    channels, height, width = info["shape"]
-    model = models.build(cfg.model, channels, len(info["classes"]), min(height, width), cfg.width, cfg.conv_impl)
+def build_model(cfg: TrainConfig, info: data.DataInfo, dev: torch.device, channels_last: bool = False) -> nn.Module:
+    model = models.build(cfg.model, info.channels, info.num_classes, info.image_size, cfg.width, cfg.conv_impl)
     model = model.to(dev)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def eval_batches(cfg: TrainConfig, split: data.Split, info: dict, dev: torch.device, channels_last: bool = False):
-    return data.make_batches(split, cfg.eval_batch_size, dev, info["mean"], info["std"], loader=cfg.loader,
+def eval_batches(cfg: TrainConfig, split: data.Split, info: data.DataInfo, dev: torch.device,
+                 channels_last: bool = False) -> data.Batches:
+    return data.make_batches(split, cfg.eval_batch_size, dev, info.mean, info.std, loader=cfg.loader,
                              workers=cfg.workers, channels_last=channels_last)
 
 
-def train_batches(cfg: TrainConfig, split: data.Split, info: dict, dev: torch.device, channels_last: bool = False):
-    return data.make_batches(split, cfg.batch_size, dev, info["mean"], info["std"], loader=cfg.loader,
-                             workers=cfg.workers, shuffle=True, augment=data.Augment(**info["augment"]),
-                             seed=cfg.seed, channels_last=channels_last)
+def train_batches(cfg: TrainConfig, split: data.Split, info: data.DataInfo, dev: torch.device,
+                  channels_last: bool = False) -> data.Batches:
+    return data.make_batches(split, cfg.batch_size, dev, info.mean, info.std, loader=cfg.loader,
+                             workers=cfg.workers, shuffle=True, augment=info.augment, seed=cfg.seed,
+                             channels_last=channels_last)
+
+@dataclass
+class Position:
+    """Where training is: completed epochs, completed steps of the current epoch, the best
+    evaluation so far, and what the divergence checks remember."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    best: dict | None = None
+    last_finite: tuple | None = None  # (global step, loss as a float or a tensor) of the last finite training loss
+    skipped_in_a_row: int = 0
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of."""
+
+    cfg: TrainConfig
+    dir: Path
+    hw: Hardware
+    info: data.DataInfo
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    train: data.Batches
+    eval: data.Batches
+    step: TrainStep
+    lookahead: Lookahead | None
+    pos: Position = field(default_factory=Position)
+    sums: EpochSums | None = None  # of a checkpoint taken mid-epoch: where that epoch's sums resume
+    fresh: bool = True  # the run directory was made by this invocation
+    partial_val: dict | None = None  # the evaluation where --max-steps cut an epoch short
+    sampler: object | None = None  # telemetry.Sampler while training
+    sinks: track.Sinks | None = None
+    metrics: track.MetricsFile | None = None
+    stop: StopRequest | None = None
+
+    @property
+    def dev(self) -> torch.device:
+        return self.hw.dev
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+
+def setup(cfg: TrainConfig, state: dict | None, log: Callable[[str], None]) -> Run:
+    """Build everything and check it can run; the run directory is made (or reopened) last, so a
+    bad setting or file leaves nothing behind."""
+    path, fresh = rundir.for_resume(cfg) if state else (rundir.check_new(cfg), True)
+    track.check_installed(cfg)
+    hw = choose_hardware(cfg)
+    _check_settings(cfg, state, hw)
+    splits = load_splits(cfg)
+    if state:
+        _check_same_data(state["data"], splits.info, cfg.resume)
+    info = data.DataInfo.from_dict(state["data"]) if state else splits.info
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, info, hw.dev, hw.channels_last)
+    if state:
+        checkpoint.state_matches_model(state, model, cfg.resume)
+    else:
+        _init_from_data(model, splits.train, info, hw.dev)
+    _check_model_runs(cfg, model, info, hw)
+    run = _assemble(cfg, path, hw, info, model, splits, log)
+    run.fresh = fresh
+    if state:
+        checkpoint.restore(run, state)
+    if fresh:
+        rundir.create(cfg)
+    else:
+        rundir.prepare_resume(path)
+    return run
+
+
+def _assemble(cfg: TrainConfig, path: Path, hw: Hardware, info: data.DataInfo, model: nn.Module, splits: Splits,
+              log: Callable[[str], None]) -> Run:
+    train = train_batches(cfg, splits.train, info, hw.dev, hw.channels_last)
+    evals = eval_batches(cfg, splits.get(info.eval_split), info, hw.dev, hw.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    # --max-steps only stops early; the schedule keeps its full length so a stopped run can resume.
+    scheduler = make_schedule(cfg, optimizer, len(train) * cfg.epochs)
+    scaler = torch.amp.GradScaler(hw.dev.type) if hw.precision.needs_scaler else None
+    forward = CompiledOrEager(model, log) if cfg.compile else None
+    step = TrainStep(model, optimizer, scaler, hw.dev, hw.precision, cfg.label_smoothing, forward,
+                     skip_nonfinite=cfg.nan_policy == "skip")
+    lookahead = Lookahead(model, cfg.lookahead_every, cfg.lookahead_decay) if cfg.lookahead_every else None
+    return Run(cfg, path, hw, info, model, optimizer, scheduler, scaler, train, evals, step, lookahead)
+
+
+def _check_settings(cfg: TrainConfig, state: dict | None, hw: Hardware) -> None:
+    if cfg.optimizer == "sam" and hw.precision.needs_scaler:
+        raise UsageError("--optimizer sam: needs --precision fp32 or bf16 on this device, not fp16")
+    if state and cfg.max_steps and state["global_step"] >= cfg.max_steps:
+        raise UsageError(f"--max-steps {cfg.max_steps}: the checkpoint is already at step {state['global_step']}; "
+                         "raise --max-steps or drop it to train to the end of --epochs")
+
+
+def _init_from_data(model: nn.Module, split: data.Split, info: data.DataInfo, dev: torch.device) -> None:
+    """Data-dependent initialisation for models that have one (the fast model's whitening)."""
+    if hasattr(model, "init_from_data"):
+        images = split.images[:INIT_IMAGES].to(dev).float().div_(255)
+        mean = torch.tensor(info.mean, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(info.std, device=dev).view(1, -1, 1, 1)
+        model.init_from_data((images - mean) / std)
+
+
+def _check_same_data(saved: dict, info: data.DataInfo, path: str) -> None:
+    """A resumed run must see the data it was trained on, or its labels and schedule no longer fit."""
+    now = info.to_dict()
+    for key in ("classes", "shape", "train_images", "eval_split"):
+        if key in saved and saved[key] != now.get(key):
+            def shown(v):
+                return f"{len(v)} classes" if key == "classes" and isinstance(v, list) else v
+            raise UsageError(f"--resume {path}: the data differ from the checkpoint's ({key}: {shown(saved[key])} "
+                             f"then, {shown(now.get(key))} now); resume with the run's own data settings")
+
+
+def _check_model_runs(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: Hardware) -> None:
+    """One forward pass on two blank images, so that a model that cannot take this input size
+    fails here, with the flags to change, before a run directory exists."""
+    channels, height, width = info.shape
+    x = torch.zeros(2, channels, height, width, device=hw.dev)
+    if hw.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--model {cfg.model}: cannot run on {channels}x{height}x{width} images ({reason}); "
+                         "use a larger --image-size or another --model") from None
+    finally:
+        model.train(was_training)
+    if tuple(out.shape) != (2, info.num_classes):
+        raise UsageError(f"--model {cfg.model}: gives outputs of shape {tuple(out.shape)} for "
+                         f"{info.num_classes} classes; use another --model")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,10 @@ from ..data.augment import Augment
 from ..errors import UsageError
 from ..fileio import write_stream
 from . import rundir
+from .step import EpochSums
+
+if TYPE_CHECKING:  # the run is built in build.py, which imports this module
+    from .build import Run
 
 FORMAT = "nnperf-checkpoint/1"
 
@@ -114,7 +119,7 @@ def _bad_position(state: dict) -> str | None:
 def config_of(state: dict, path: str, flag: str) -> dict:
     """The saved config's known settings, checked: a checkpoint from a newer nnperf may have more."""
     known = {f.name for f in configs.fields()}
-    saved = {k: v for k, v in state["config"].items() if k in known}
+    saved = {k: v for k, v in configs.upgraded(state["config"]).items() if k in known}
     try:
         configs.build(saved, {"resume": None})
     except UsageError as e:
@@ -153,3 +158,90 @@ def state_matches_model(state: dict, model: torch.nn.Module, path: str, flag: st
                                       for k in own):
         raise UsageError(f"{flag} {path}: the weights do not fit this model "
                          f"(a checkpoint of another model, width or class count)")
+
+
+# ---- a run's state: what a checkpoint holds, and putting it back ----------------------------------
+
+def state_of(run: Run, sums: EpochSums) -> dict:
+    """Everything needed to continue `run` exactly, with the current epoch's running sums."""
+    p = run.pos
+    return {"config": configs.to_dict(run.cfg), "data": run.info.to_dict(), "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler else None, "epoch": p.epoch, "step": p.step,
+            "global_step": p.global_step, "best": p.best, "sums": sums.state(), "rng": rng_state(run.dev),
+            "lookahead": run.lookahead.average if run.lookahead else None}
+
+
+def restore(run: Run, state: dict) -> None:
+    """Put the checkpoint's state into the built run; a part that does not fit is one line."""
+    if state["step"] > len(run.train):
+        raise UsageError(f"--resume {run.cfg.resume}: its position (step {state['step']} of an epoch) does not fit "
+                         f"this run's {len(run.train)} steps per epoch; resume with the run's own --batch-size")
+    for part, put_back in (("model", _restore_model), ("optimizer", _restore_optimizer),
+                           ("schedule", _restore_schedule), ("random-number state", _restore_rng),
+                           ("position", _restore_position)):
+        try:
+            put_back(run, state)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+            reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise UsageError(f"--resume {run.cfg.resume}: its {part} cannot be restored ({reason}); "
+                             "use another checkpoint of the run") from None
+
+
+def _restore_model(run: Run, state: dict) -> None:
+    run.model.load_state_dict(state["model"])
+    if run.lookahead is not None and state.get("lookahead"):
+        run.lookahead.average = {k: v.to(run.dev) for k, v in state["lookahead"].items()}
+
+
+def _restore_optimizer(run: Run, state: dict) -> None:
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+
+
+def _restore_schedule(run: Run, state: dict) -> None:
+    run.scheduler.load_state_dict(state["scheduler"])
+    for schedule in run.scheduler.lr_lambdas:
+        # Loading restored the old run length; a resume with more --epochs stretches the schedule.
+        schedule.total = len(run.train) * run.cfg.epochs
+
+
+def _restore_rng(run: Run, state: dict) -> None:
+    restore_rng(state["rng"], run.dev)
+
+
+def _restore_position(run: Run, state: dict) -> None:
+    p = run.pos
+    p.epoch, p.step, p.global_step, p.best = state["epoch"], state["step"], state["global_step"], state["best"]
+    run.sums = EpochSums.restored(state["sums"], run.dev)
+
+
+def rng_state(dev: torch.device) -> dict:
+    """The CPU generator's state and that of the training device's own generator (no other device's)."""
+    rng = {"torch": torch.get_rng_state()}
+    if dev.type == "cuda":
+        rng["device"] = {"type": "cuda", "state": torch.cuda.get_rng_state(dev)}
+    elif dev.type == "xpu":
+        rng["device"] = {"type": "xpu", "state": torch.xpu.get_rng_state(dev)}
+    elif dev.type == "mps":
+        rng["device"] = {"type": "mps", "state": torch.mps.get_rng_state()}
+    return rng
+
+
+def restore_rng(rng: dict, dev: torch.device) -> None:
+    """Undo rng_state(); also reads older checkpoints, whose "cuda" entry lists every GPU's state."""
+    torch.set_rng_state(rng["torch"])
+    saved = rng.get("device")
+    if isinstance(saved, dict) and saved.get("type") == dev.type:
+        state = saved["state"]
+    elif dev.type == "cuda" and isinstance(rng.get("cuda"), (list, tuple)) and (dev.index or 0) < len(rng["cuda"]):
+        state = rng["cuda"][dev.index or 0]
+    else:
+        return  # saved on another kind of device (or none): only the CPU state carries over
+    if dev.type == "cuda":
+        torch.cuda.set_rng_state(state, dev)
+    elif dev.type == "xpu":
+        torch.xpu.set_rng_state(state, dev)
+    elif dev.type == "mps":
+        torch.mps.set_rng_state(state)

@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import config as configs
 from .. import device as devices
+from ..data import DataInfo
 from ..data.formats import bomb_warnings_silenced, open_image
 from ..errors import UsageError
 from . import checkpoint
@@ -38,8 +39,8 @@ def test(run_dir: str, checkpoint_path: str | None = None, split: str | None = N
     cfg = configs.build(checkpoint.config_of(state, path, flag),
                         {"resume": None, **({"device": device} if device else {}),
                          **({"tta": tta} if tta is not None else {})})
-    info = state["data"]
-    split = split or info["eval_split"]
+    info = DataInfo.from_dict(state["data"])
+    split = split or info.eval_split
     if split not in SPLITS:
         raise UsageError(f"--split: unknown split '{split}' (choose from {', '.join(SPLITS)})")
     hw = choose_hardware(cfg)
@@ -50,18 +51,15 @@ def test(run_dir: str, checkpoint_path: str | None = None, split: str | None = N
     return {"split": split, "checkpoint": path, **evaluate(model, batches, hw.dev, hw.precision, cfg.tta)}
 
 
-def test_line(result: dict) -> str:
-    return f"TEST top1={result['top1']:.3f}  top5={result['top5']:.3f}  loss={result['loss']:.3f}"
-
-
-def _load_for_predict(path: str) -> tuple[configs.TrainConfig, dict, dict]:
+def _load_for_predict(path: str) -> tuple[configs.TrainConfig, DataInfo, dict]:
     """(config, data info, weights) from a full checkpoint, or from final_weights.pt beside its run's
     config.yaml and env.json."""
     p = Path(path)
     raw = checkpoint.read(path, "CHECKPOINT")
     if isinstance(raw, dict) and raw.get("format") == checkpoint.FORMAT:
         raw = checkpoint.load(path, "CHECKPOINT")  # the same checks as train --resume
-        return configs.build(checkpoint.config_of(raw, path, "CHECKPOINT"), {"resume": None}), raw["data"], raw["model"]
+        cfg = configs.build(checkpoint.config_of(raw, path, "CHECKPOINT"), {"resume": None})
+        return cfg, DataInfo.from_dict(raw["data"]), raw["model"]
     run = p.parent.parent
     env = run / "env.json"
     if not (run / "config.yaml").is_file() or not env.is_file():
@@ -76,11 +74,11 @@ def _load_for_predict(path: str) -> tuple[configs.TrainConfig, dict, dict]:
     problem = checkpoint.data_problem(info) or (None if isinstance(raw, dict) else "the file holds no weights")
     if problem:
         raise UsageError(f"CHECKPOINT {path}: {problem} (in it or the run's env.json); use checkpoints/best.pt")
-    return cfg, info, raw
+    return cfg, DataInfo.from_dict(info), raw
 
 
-def _image_tensor(path: str, info: dict) -> torch.Tensor:
-    channels, height, width = info["shape"]
+def _image_tensor(path: str, info: DataInfo) -> torch.Tensor:
+    channels, height, width = info.shape
     if Path(path).exists() and not Path(path).is_file():  # a FIFO or device would block the read forever
         raise UsageError(f"IMAGE {path}: not a regular file")
     try:
@@ -95,8 +93,8 @@ def _image_tensor(path: str, info: dict) -> torch.Tensor:
         raise UsageError(f"IMAGE {path}: unreadable image ({e})") from None
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     x = torch.from_numpy(arr.copy()).float().div_(255)
-    mean = torch.tensor(info["mean"]).view(-1, 1, 1)
-    std = torch.tensor(info["std"]).view(-1, 1, 1)
+    mean = torch.tensor(info.mean).view(-1, 1, 1)
+    std = torch.tensor(info.std).view(-1, 1, 1)
     return (x - mean) / std
 
 
@@ -115,7 +113,7 @@ def predict(checkpoint_path: str, images: list[str], topk: int = 5, device: str 
     probs = model(x).float().softmax(dim=1).cpu()
     k = min(topk, probs.shape[1])
     top = probs.topk(k, dim=1)
-    classes = info["classes"]
+    classes = info.classes
     return [{"image": path, "top": [{"class": classes[i], "index": int(i), "prob": float(pr)}
                                     for pr, i in zip(top.values[n], top.indices[n])]}
             for n, path in enumerate(images)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -40,18 +41,60 @@ def decoupled_sgd(lr: float, weight_decay: float, momentum: float, batch_size: i
     return lr * batch_size / kilostep, weight_decay / lr
 
 
-def _base(name: str, cfg: TrainConfig) -> tuple[type, dict]:
-    """Optimizer class and its arguments (weight decay is set per parameter group)."""
-    if name == "nesterov" and cfg.momentum <= 0:
+# --optimizer NAME -> builder(cfg, param groups, lr): the optimizer for those groups. Each group may
+# carry an "lr_scale" (see param_groups), which a builder applies with scaled_lr (or not at all).
+Builder = Callable[[TrainConfig, list, float], torch.optim.Optimizer]
+OPTIMIZERS: dict[str, Builder] = {}
+# The plain torch optimizers, which SAM can also wrap: NAME -> arguments(cfg) -> (class, its arguments
+# besides the lr and the weight decay, which are set per parameter group).
+SAM_BASES: dict[str, Callable[[TrainConfig], tuple[type, dict]]] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Add a builder to OPTIMIZERS under `name` (config.OPTIMIZERS lists the same names for --help)."""
+    def add(build: Builder) -> Builder:
+        OPTIMIZERS[name] = build
+        return build
+    return add
+
+
+def register_torch(name: str, cls: type, arguments: Callable[[TrainConfig], dict] = lambda cfg: {}) -> None:
+    """A torch.optim optimizer, both on its own and as a base of SAM."""
+    SAM_BASES[name] = lambda cfg: (cls, arguments(cfg))
+    register(name)(lambda cfg, groups, lr: cls(scaled_lr(groups, lr), lr=lr, **arguments(cfg)))
+
+
+def scaled_lr(groups: list[dict], lr: float) -> list[dict]:
+    """Each group's learning rate: `lr` times its lr_scale."""
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_scale", 1.0)
+    return groups
+
+
+def _nesterov(cfg: TrainConfig) -> dict:
+    if cfg.momentum <= 0:
         raise UsageError("--momentum: --optimizer nesterov needs momentum above 0")
-    return {
-        "sgd": (torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum}),
-        "nesterov": (torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": True}),
-        "adam": (torch.optim.Adam, {"lr": cfg.lr}),
-        "adamw": (torch.optim.AdamW, {"lr": cfg.lr}),
-        "rmsprop": (torch.optim.RMSprop, {"lr": cfg.lr, "momentum": cfg.momentum}),
-        "adagrad": (torch.optim.Adagrad, {"lr": cfg.lr}),
-    }[name]
+    return {"momentum": cfg.momentum, "nesterov": True}
+
+
+register_torch("sgd", torch.optim.SGD, lambda cfg: {"momentum": cfg.momentum})
+register_torch("nesterov", torch.optim.SGD, _nesterov)
+register_torch("adam", torch.optim.Adam)
+register_torch("adamw", torch.optim.AdamW)
+register_torch("rmsprop", torch.optim.RMSprop, lambda cfg: {"momentum": cfg.momentum})
+register_torch("adagrad", torch.optim.Adagrad)
+
+
+@register("sam")
+def _sam(cfg: TrainConfig, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    cls, kwargs = SAM_BASES[cfg.sam_base](cfg)
+    return SAM(scaled_lr(groups, lr), cls, rho=cfg.sam_rho, lr=lr, **kwargs)
+
+
+@register("muon")
+def _muon(cfg: TrainConfig, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    # The groups' lr_scale stays unapplied, as it always has with Muon (they run at `lr`).
+    return Muon.for_groups(groups, lr, cfg.momentum, cfg.muon_lr, cfg.muon_momentum)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -59,16 +102,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.decoupled:
         lr, weight_decay = decoupled_sgd(cfg.lr, cfg.weight_decay, cfg.momentum, cfg.batch_size)
     groups = param_groups(model, weight_decay, cfg.norm_lr_scale, decay_all=cfg.decoupled)
-    if cfg.optimizer == "muon":
-        return Muon.for_groups(groups, lr, cfg.momentum, cfg.muon_lr, cfg.muon_momentum)
-    name = cfg.sam_base if cfg.optimizer == "sam" else cfg.optimizer
-    cls, kwargs = _base(name, cfg)
-    kwargs["lr"] = lr
-    for group in groups:
-        group["lr"] = lr * group.pop("lr_scale", 1.0)
-    if cfg.optimizer == "sam":
-        return SAM(groups, cls, rho=cfg.sam_rho, **kwargs)
-    return cls(groups, **kwargs)
+    return OPTIMIZERS[cfg.optimizer](cfg, groups, lr)
 
 
 class SAM(torch.optim.Optimizer):

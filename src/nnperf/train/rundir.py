@@ -1,7 +1,10 @@
-"""The run directory: where it is, and refusing to clobber anything that is not a run of ours."""
+"""The run directory: where it is, refusing to clobber anything that is not a run of ours, and the
+files that describe a run (config.yaml, env.json; metrics.jsonl is a sink, track.MetricsFile)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import time
@@ -9,9 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from ..config import TrainConfig, fields
+from .. import config as configs
+from ..config import TrainConfig
 from ..errors import UsageError
-from ..fileio import clean_stale_temps
+from ..fileio import clean_stale_temps, read_jsonl, write_json, write_text
 
 # What a run directory holds (DESIGN.md); --overwrite removes only a folder that looks like one.
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl")
@@ -36,7 +40,7 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 
 def _is_our_config(path: Path) -> bool:
     saved = _saved_config(path.parent)
-    return saved is not None and {"model", "dataset"} <= set(saved) <= {f.name for f in fields()}
+    return saved is not None and {"model", "dataset"} <= set(saved) <= configs.known_names()
 
 
 def _saved_config(run: Path) -> dict | None:
@@ -132,3 +136,37 @@ def prepare_resume(path: Path) -> None:
 
 def clear_telemetry(path: Path) -> None:
     shutil.rmtree(path / "telemetry", ignore_errors=True)
+
+
+def write_start_files(path: Path, cfg: TrainConfig, env: dict) -> None:
+    """config.yaml (which reruns the run: without the resume, which belongs to this invocation
+    only) and env.json; telemetry of earlier invocations removed first if --clear-telemetry says so."""
+    if cfg.clear_telemetry:
+        clear_telemetry(path)
+    write_text(path / "config.yaml", configs.to_yaml(dataclasses.replace(cfg, resume=None)))
+    write_json(path / "env.json", env)
+
+
+def update_env(path: Path, extra: dict) -> None:
+    env_file = path / "env.json"
+    env = json.loads(env_file.read_text()) if env_file.is_file() else {}
+    write_json(env_file, {**env, **extra})
+
+
+def metrics_kept(resume: str, path: Path, global_step: int, epoch: int, mid_epoch: bool) -> list[dict]:
+    """The metrics.jsonl rows a run resumed from checkpoint `resume` keeps: rows written after the
+    checkpoint belong to steps that will now run again, and so does the epoch row of an epoch that
+    --max-steps cut short (`mid_epoch`)."""
+    own = checkpoint_run(resume)
+    metrics = (own if own is not None else path) / "metrics.jsonl"
+    old = read_jsonl(metrics) if metrics.is_file() else []
+    return [r for r in old if isinstance(r, dict) and isinstance(r.get("step", 0), int)
+            and r.get("step", 0) <= global_step
+            and not (mid_epoch and r.get("epoch") == epoch + 1 and r.get("phase") in ("train", "val"))]
+
+
+def remove_if_unsaved(path: Path) -> None:
+    """A run directory this invocation made, that failed before saving any checkpoint, holds
+    nothing worth keeping: remove it rather than leave a half-made run behind."""
+    if not any((path / "checkpoints").glob("*.pt")):
+        shutil.rmtree(path, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,23 +38,33 @@ class _FrozenBatchNormStats:
             m.momentum = momentum
 
 
+@dataclass
+class StepResult:
+    """What one training step gives back, all detached tensors (read without a sync only at the
+    epoch's end): the batch's mean loss and logits, the total gradient norm when asked for (inf or
+    NaN when the fp16 scaler skipped the update), and whether --nan-policy skip left the weights."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    grad_norm: torch.Tensor | None = None
+    skipped: bool = False
+
+
 class TrainStep:
     """Forward, backward and update for one batch in the chosen precision."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                  dev: torch.device, precision: devices.Precision, label_smoothing: float = 0.0,
-                 forward: nn.Module | None = None, skip_nonfinite: bool = False):
+                 forward: nn.Module | None = None, skip_nonfinite: bool = False, grad_norm: bool = False):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.forward = forward or model
         self.dev, self.precision = dev, precision
         self.label_smoothing = label_smoothing
-        # A list: each step's total gradient norm is appended, as a tensor (no sync per step); a step
-        # the fp16 scaler skipped appends its inf/NaN norm, which the epoch's summary filters out.
-        self.grad_norms: list | None = None
+        # Each step's total gradient norm, as a tensor (no sync per step), when a sink plots it.
+        self.grad_norm = grad_norm
         # --nan-policy skip: a step whose loss or gradients are not finite leaves the weights as they
         # were. Deciding needs the values on the host, one sync per step, so only when asked for.
         self.skip_nonfinite = skip_nonfinite
-        self.skipped = False  # whether the last call skipped its update
 
     def _nonfinite(self, loss: torch.Tensor) -> bool:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -62,11 +73,9 @@ class TrainStep:
             finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
         return not bool(finite)
 
-    def _record_grad_norm(self) -> None:
-        if self.grad_norms is not None:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if grads:
-                self.grad_norms.append(torch.nn.utils.get_total_norm(grads).detach())
+    def _total_grad_norm(self) -> torch.Tensor | None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads).detach() if self.grad_norm and grads else None
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with devices.autocast(self.dev, self.precision):
@@ -95,35 +104,100 @@ class TrainStep:
             self._backward(loss)
         return loss, logits
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the batch's loss and logits, detached; `skipped` says whether the update was skipped."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         loss, logits = self._forward_backward(x, y)
-        self.skipped = False
         if self.scaler is not None:
-            if self.grad_norms is not None or self.skip_nonfinite:
-                self.scaler.unscale_(self.optimizer)  # the norm of the true gradients
-                self._record_grad_norm()
-            # The scaler itself skips an update whose gradients overflowed (and lowers its scale).
-            self.skipped = self.skip_nonfinite and self._nonfinite(loss)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            return loss.detach(), logits.detach()
+            return self._scaled_update(loss, logits)
         if self.skip_nonfinite and self._nonfinite(loss):
-            self.skipped = True
             self.optimizer.zero_grad(set_to_none=True)
-            return loss.detach(), logits.detach()
+            return StepResult(loss.detach(), logits.detach(), skipped=True)
+        norm = self._total_grad_norm()
         if isinstance(self.optimizer, SAM):
-            self._record_grad_norm()
-
             def closure():
                 with _FrozenBatchNormStats(self.model):
                     self._loss(x, y)[0].backward()
 
             self.optimizer.step(closure)
         else:
-            self._record_grad_norm()
             self.optimizer.step()
-        return loss.detach(), logits.detach()
+        return StepResult(loss.detach(), logits.detach(), norm)
+
+    def _scaled_update(self, loss: torch.Tensor, logits: torch.Tensor) -> StepResult:
+        """fp16: the scaler itself skips an update whose gradients overflowed (and lowers its scale)."""
+        norm = None
+        if self.grad_norm or self.skip_nonfinite:
+            self.scaler.unscale_(self.optimizer)  # the norm of the true gradients
+            norm = self._total_grad_norm()
+        skipped = self.skip_nonfinite and self._nonfinite(loss)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return StepResult(loss.detach(), logits.detach(), norm, skipped)
+
+
+@dataclass
+class EpochSums:
+    """What an epoch's training measured so far. Loss and accuracy counts stay tensors on the device
+    (no sync per step; float64 where the device has it, so a resumed epoch adds up bit for bit the
+    same); per-batch losses and gradient norms are kept only when a sink wants them."""
+
+    loss: torch.Tensor
+    top1: torch.Tensor
+    top5: torch.Tensor
+    images: int = 0
+    seconds: float = 0.0
+    data_wait_s: float = 0.0
+    skipped_steps: int = 0
+    batch_losses: list = field(default_factory=list)
+    grad_norms: list = field(default_factory=list)
+    first_step: int = 0  # the global step of the first batch loss kept
+
+    SAVED = ("loss", "top1", "top5", "images", "seconds", "data_wait_s", "skipped_steps")
+
+    @classmethod
+    def zero(cls, dev: torch.device) -> "EpochSums":
+        return cls(torch.zeros((), dtype=devices.accumulator_dtype(dev), device=dev),
+                   torch.zeros((), dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int64, device=dev))
+
+    @classmethod
+    def restored(cls, saved: dict, dev: torch.device) -> "EpochSums":
+        """From a checkpoint's "sums" (older checkpoints may lack some)."""
+        sums = cls.zero(dev)
+        for key in cls.SAVED:
+            if key in saved:
+                value, now = saved[key], getattr(sums, key)
+                setattr(sums, key, value.to(dev, now.dtype) if isinstance(now, torch.Tensor) else value)
+        return sums
+
+    def state(self) -> dict:
+        return {key: getattr(self, key) for key in self.SAVED}
+
+    def add(self, result: StepResult, labels: torch.Tensor, keep_batches: bool) -> None:
+        self.loss += result.loss.to(self.loss.dtype) * len(labels)
+        self.top1 += topk_correct(result.logits, labels, 1)
+        self.top5 += topk_correct(result.logits, labels, 5)
+        self.images += len(labels)
+        if keep_batches:
+            self.batch_losses.append(result.loss)
+            if result.grad_norm is not None:
+                self.grad_norms.append(result.grad_norm)
+
+    def means(self) -> dict:
+        """Mean loss, top-1 and top-5 of the images so far."""
+        n = max(1, self.images)
+        return {"loss": self.loss.item() / n, "top1": self.top1.item() / n, "top5": self.top5.item() / n}
+
+
+def grad_norm_summary(norms: list) -> tuple[float | None, int | None]:
+    """The mean of an epoch's finite gradient norms, and how many steps had a non-finite one (steps
+    the fp16 scaler skipped); one stack and one read at the end of the epoch."""
+    if not norms:
+        return None, None
+    stacked = torch.stack([n.float() for n in norms])
+    finite = torch.isfinite(stacked)
+    count = finite.sum()
+    mean = torch.where(finite, stacked, 0).sum() / count.clamp_min(1)
+    mean, count = torch.stack([mean, count.float()]).tolist()
+    return (mean if count else None), len(norms) - int(count)
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
