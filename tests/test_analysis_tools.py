@@ -101,6 +101,17 @@ def test_compare_shows_runs_side_by_side_with_the_config_keys_that_differ(run_cl
     assert "differs: name" in table.index and "differs: model" not in table.index
 
 
+def test_compare_reads_an_old_run_s_renamed_settings_under_their_new_names(run_cli, tmp_path):
+    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b")
+    (a / "config.yaml").write_text("model: fast\nclear_perf: true\n")  # written before the rename
+    (b / "config.yaml").write_text("model: fast\nclear_telemetry: false\n")
+    code, out, err = run_cli("compare", a, b, "--csv", tmp_path / "c.csv")
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "c.csv", index_col="field")
+    assert table.loc["differs: clear_telemetry"].tolist() == ["True", "False"]
+    assert "differs: clear_perf" not in table.index
+
+
 def test_data_show_prints_counts_and_writes_a_grid(run_cli, tmp_path):
     code, out, err = run_cli("data", "show", "--dataset", "synthetic", "--out", tmp_path / "g.png",
                              "--per-class", "3")

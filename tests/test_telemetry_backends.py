@@ -6,6 +6,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from nnperf.telemetry.backends import clean, number
 from nnperf.telemetry.backends.amdsmi import AmdSmiBackend, visible_index
@@ -38,7 +39,7 @@ def test_clean_keeps_known_finite_metrics_only():
 
 def test_nvml_backend_reads_every_metric_in_its_unit():
     nv = fake_pynvml()
-    b = NvmlBackend(0, nv=nv)
+    b = NvmlBackend(torch.device("cuda", 0), nv=nv)
     row = b.sample()
     assert row.pop("throttle_reasons") == "sw_power_cap,sw_thermal"
     assert row == pytest.approx({
@@ -51,7 +52,7 @@ def test_nvml_backend_reads_every_metric_in_its_unit():
 
 def test_nvml_unsupported_queries_are_dropped_for_good_with_a_reason():
     nv = fake_pynvml(unsupported={"nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetPcieThroughput"})
-    b = NvmlBackend(0, nv=nv)
+    b = NvmlBackend(torch.device("cuda", 0), nv=nv)
     row = b.sample()
     assert "energy_j" not in row and "power_w" in row
     nv.calls.clear()
@@ -64,7 +65,7 @@ def test_nvml_unsupported_queries_are_dropped_for_good_with_a_reason():
 def test_nvml_old_bindings_use_the_throttle_reasons_call():
     nv = fake_pynvml()
     del nv.nvmlDeviceGetCurrentClocksEventReasons
-    assert NvmlBackend(0, nv=nv).sample()["throttle_reasons"] == "gpu_idle"
+    assert NvmlBackend(torch.device("cuda", 0), nv=nv).sample()["throttle_reasons"] == "gpu_idle"
     assert decode_reasons(0) == "none"
 
 
@@ -82,7 +83,7 @@ def test_cuda_visible_devices_map_to_nvml_devices():
 @pytest.mark.parametrize("rocm", ["6.0", "6.4"])
 def test_amdsmi_backend_across_releases(rocm):
     lib = fake_amdsmi(rocm)
-    b = AmdSmiBackend(0, lib=lib)
+    b = AmdSmiBackend(torch.device("cuda", 0), lib=lib)
     row = b.sample()
     assert row["gpu_util_pct"] == 97 and row["mem_util_pct"] == 35
     assert row["power_w"] == (212 if rocm == "6.4" else 187)
@@ -93,7 +94,7 @@ def test_amdsmi_backend_across_releases(rocm):
 
 
 def test_amdsmi_na_values_stay_absent():
-    b = AmdSmiBackend(0, lib=fake_amdsmi("6.4", activity_na=True))
+    b = AmdSmiBackend(torch.device("cuda", 0), lib=fake_amdsmi("6.4", activity_na=True))
     row = b.sample()
     assert "gpu_util_pct" not in row and "mem_util_pct" not in row and "power_w" in row
     _, missing = b.metrics()
@@ -161,7 +162,7 @@ def test_cli_backend_runs_without_shell_and_paces_itself():
         calls.append((cmd, kw))
         return types.SimpleNamespace(returncode=0, stdout=text, stderr="")
 
-    b = RocmSmiBackend(1, run=run)
+    b = RocmSmiBackend(torch.device("cuda", 1), run=run)
     assert b.sample()["power_w"] == 251.0
     cmd, kw = calls[0]
     assert cmd[0] == "rocm-smi" and "--json" in cmd and kw["timeout"] > 0 and "shell" not in kw
@@ -174,7 +175,7 @@ def test_cli_backend_failure_raises_for_the_sampler_to_count():
         return types.SimpleNamespace(returncode=2, stdout="", stderr="ERROR: GPU[0] : Unable to read")
 
     with pytest.raises(RuntimeError, match="exited with 2"):
-        AmdSmiCliBackend(0, run=run).sample()
+        AmdSmiCliBackend(torch.device("cuda", 0), run=run).sample()
 
 
 def test_cli_timeout_propagates():
@@ -182,7 +183,7 @@ def test_cli_timeout_propagates():
         raise subprocess.TimeoutExpired(cmd, kw["timeout"])
 
     with pytest.raises(subprocess.TimeoutExpired):
-        RocmSmiBackend(0, run=run).sample()
+        RocmSmiBackend(torch.device("cuda", 0), run=run).sample()
 
 
 def test_cpu_backend_for_real():
@@ -190,6 +191,8 @@ def test_cpu_backend_for_real():
     row = clean(b.sample())
     assert {"cpu_util_pct", "sys_cpu_util_pct", "proc_rss_mb", "sys_mem_used_mb"} <= set(row)
     assert row["proc_rss_mb"] > 10 and row["sys_mem_used_mb"] <= row["sys_mem_total_mb"]
+    second = clean(b.sample())  # memory and system figures are read once a second, not every sample
+    assert "cpu_util_pct" in second and "proc_rss_mb" not in second and "sys_mem_used_mb" not in second
     recorded, missing = b.metrics()
     assert ("energy_j" in recorded) != ("energy_j" in missing)
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from nnperf.telemetry import backends as registry
 from nnperf.telemetry import sampler as sampler_module
@@ -87,7 +88,7 @@ def tools(tmp_path, monkeypatch):
 def test_a_hung_tool_and_its_child_are_killed_when_abandoned(tools, tmp_path):
     pids = fake_tool(tools, "rocm-smi", hang=True)
     warnings = []
-    s = Sampler([RocmSmiBackend(0)], tmp_path / "tel", interval_s=0.05, timeout_s=0.3, warn=warnings.append).start()
+    s = Sampler([RocmSmiBackend(torch.device("cuda", 0))], tmp_path / "tel", interval_s=0.05, timeout_s=0.3, warn=warnings.append).start()
     tool = _tool_pids(pids)
     assert _until(lambda: warnings, 5), "the hung tool was never abandoned"
     assert _until(lambda: not _living(tool), 3), "the abandoned tool's group still runs"
@@ -101,7 +102,7 @@ def test_a_hung_tool_and_its_child_are_killed_when_abandoned(tools, tmp_path):
 def test_a_tool_still_running_when_the_sampler_stops_is_killed(tools, tmp_path):
     pids = fake_tool(tools, "rocm-smi", hang=True)
     warnings = []
-    s = Sampler([RocmSmiBackend(0)], tmp_path / "tel", interval_s=0.05, timeout_s=60, warn=warnings.append).start()
+    s = Sampler([RocmSmiBackend(torch.device("cuda", 0))], tmp_path / "tel", interval_s=0.05, timeout_s=60, warn=warnings.append).start()
     tool = _tool_pids(pids)
     assert _until(lambda: len(_living(tool)) >= 2, 3), "the tool and its child should both run"
     started = time.monotonic()
@@ -120,7 +121,7 @@ def test_tools_still_running_at_exit_are_killed(tools, tmp_path):
         "from pathlib import Path",
         "from nnperf.telemetry import Sampler",
         "from nnperf.telemetry.backends.rocm_smi import RocmSmiBackend",
-        f"Sampler([RocmSmiBackend(0)], {str(tmp_path / 'tel')!r}, interval_s=0.05, timeout_s=60).start()",
+        f"Sampler([RocmSmiBackend(\"cuda:0\")], {str(tmp_path / 'tel')!r}, interval_s=0.05, timeout_s=60).start()",
         f"pids = Path({str(pids)!r})",
         "while len(pids.read_text().split() if pids.exists() else []) < 2:  # the tool and its child run",
         "    time.sleep(0.02)",
@@ -135,7 +136,7 @@ def test_a_slow_tool_does_not_starve_the_cpu_source(tools, tmp_path):
     instead of 81 in 8 s); each source now keeps its own pace."""
     fake_tool(tools, "rocm-smi", output=CARDS, delay_s=1.5)
     interval = 0.1
-    s = Sampler([CpuBackend(), RocmSmiBackend(0)], tmp_path, interval_s=interval, timeout_s=30).start()
+    s = Sampler([CpuBackend(), RocmSmiBackend(torch.device("cuda", 0))], tmp_path, interval_s=interval, timeout_s=30).start()
     started = time.monotonic()
     time.sleep(3.0)
     s.stop()

@@ -88,10 +88,10 @@ def test_a_backend_slower_than_the_default_bound_is_judged_by_its_own_timeout(tm
 
 def test_the_cli_backends_tell_the_sampler_their_timeout(tmp_path):
     for cls in (RocmSmiBackend, AmdSmiCliBackend):
-        s = Sampler([cls(0, run=lambda *a, **k: None)], tmp_path, interval_s=0.5)
+        s = Sampler([cls(torch.device("cuda", 0), run=lambda *a, **k: None)], tmp_path, interval_s=0.5)
         assert s.workers[0].timeout_s > cls.timeout_s >= 5
     # A bound the caller sets is still the bound for all.
-    assert Sampler([RocmSmiBackend(0)], tmp_path, timeout_s=0.3).workers[0].timeout_s == 0.3
+    assert Sampler([RocmSmiBackend(torch.device("cuda", 0))], tmp_path, timeout_s=0.3).workers[0].timeout_s == 0.3
 
 
 def _runner(output):
@@ -110,7 +110,7 @@ def test_rocm_smi_queries_the_training_gpu_only(monkeypatch):
     cards = json.loads((FIXTURES / "rocm-smi-5.7.1-mi100.json").read_text())
     # What `rocm-smi -d 3 ... --json` prints on that 6-GPU node: card3 alone, under its own name.
     run, calls = _runner(json.dumps({"card3": cards["card3"], "system": cards.get("system", {})}))
-    b = RocmSmiBackend(0, run=run)
+    b = RocmSmiBackend(torch.device("cuda", 0), run=run)
     row = b.sample()
     cmd, kw = calls[0]
     assert cmd[:3] == ["rocm-smi", "-d", "3"] and "--json" in cmd
@@ -125,7 +125,7 @@ def test_amd_smi_queries_the_training_gpu_only(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     gpu = json.loads((FIXTURES / "amd-smi-metric-6.x-rx6600.json").read_text())[0]
     run, calls = _runner(json.dumps([{**gpu, "gpu": 5}]))  # `amd-smi metric -g 5 --json`
-    row = AmdSmiCliBackend(1, run=run).sample()
+    row = AmdSmiCliBackend(torch.device("cuda", 1), run=run).sample()
     assert calls[0][0] == ["amd-smi", "metric", "-g", "5", "--json"]
     assert row["temp_c"] == 36 and row["sm_clock_mhz"] == 800
 
@@ -134,7 +134,7 @@ def test_amd_smi_queries_the_training_gpu_only(monkeypatch):
 
 def test_mi300_without_an_edge_sensor_still_reports_hotspot_and_memory():
     lib = fake_amdsmi("6.4", no_sensors=("EDGE",))
-    b = AmdSmiBackend(0, lib=lib)
+    b = AmdSmiBackend(torch.device("cuda", 0), lib=lib)
     row = b.sample()
     assert "temp_c" not in row and row["temp_hotspot_c"] == 74 and row["temp_mem_c"] == 68
     lib.temp_calls.clear()
@@ -145,7 +145,7 @@ def test_mi300_without_an_edge_sensor_still_reports_hotspot_and_memory():
 
 
 def test_a_gpu_with_no_temperature_sensor_at_all_drops_the_group_with_a_reason():
-    b = AmdSmiBackend(0, lib=fake_amdsmi("6.0", no_sensors=("EDGE", "HOTSPOT", "VRAM")))
+    b = AmdSmiBackend(torch.device("cuda", 0), lib=fake_amdsmi("6.0", no_sensors=("EDGE", "HOTSPOT", "VRAM")))
     row = b.sample()
     assert not {"temp_c", "temp_hotspot_c", "temp_mem_c"} & set(row) and "power_w" in row
     assert "temperature" not in b.readers
@@ -168,9 +168,9 @@ def test_nvml_reads_the_card_cuda_trains_on_not_the_nvml_index(cuda_uuids, form)
     """CUDA enumerates the faster H100 first; NVML lists it second. Index 0 read the A100."""
     cuda_uuids += [form(H100), form(A100)]
     nv = fake_pynvml(uuids=(A100, H100))
-    b = NvmlBackend(0, nv=nv)
+    b = NvmlBackend(torch.device("cuda", 0), nv=nv)
     assert b.handle == ("handle", 1) and not b.mig
-    assert NvmlBackend(1, nv=nv).handle == ("handle", 0)
+    assert NvmlBackend(torch.device("cuda", 1), nv=nv).handle == ("handle", 0)
     nv.device_calls.clear()
     row = b.sample()
     assert "mig" not in row and {h for _, h in nv.device_calls} == {("handle", 1)}
@@ -179,7 +179,7 @@ def test_nvml_reads_the_card_cuda_trains_on_not_the_nvml_index(cuda_uuids, form)
 def test_integer_cuda_visible_devices_do_not_override_the_uuid(cuda_uuids, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # CUDA's own (fastest-first) numbering
     cuda_uuids.append(CUuuid(H100))
-    assert NvmlBackend(0, nv=fake_pynvml(uuids=(A100, H100))).handle == ("handle", 1)
+    assert NvmlBackend(torch.device("cuda", 0), nv=fake_pynvml(uuids=(A100, H100))).handle == ("handle", 1)
 
 
 def test_without_a_uuid_the_index_mapping_is_used(monkeypatch):
@@ -189,18 +189,18 @@ def test_without_a_uuid_the_index_mapping_is_used(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", no_props)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    assert NvmlBackend(0, nv=fake_pynvml()).handle == ("handle", 1)
+    assert NvmlBackend(torch.device("cuda", 0), nv=fake_pynvml()).handle == ("handle", 1)
 
 
 def test_a_uuid_nvml_does_not_know_falls_back_to_the_index(cuda_uuids):
     cuda_uuids.append(CUuuid("GPU-00000000-0000-0000-0000-000000000000"))
-    assert NvmlBackend(0, nv=fake_pynvml()).handle == ("handle", 0)
+    assert NvmlBackend(torch.device("cuda", 0), nv=fake_pynvml()).handle == ("handle", 0)
 
 
 def test_a_mig_instance_reads_board_metrics_from_its_parent_gpu(cuda_uuids):
     cuda_uuids.append(CUuuid(MIG))  # torch prints the MIG instance's UUID without its prefix
     nv = fake_pynvml(uuids=(A100, H100), mig={MIG: 1})
-    b = NvmlBackend(0, nv=nv)
+    b = NvmlBackend(torch.device("cuda", 0), nv=nv)
     assert b.mig and b.handle == ("mig", MIG, 1)
     nv.device_calls.clear()
     row = clean(b.sample())
@@ -218,7 +218,7 @@ def test_a_mig_instance_reads_board_metrics_from_its_parent_gpu(cuda_uuids):
 
 def test_the_mig_flag_reaches_the_row(cuda_uuids, tmp_path):
     cuda_uuids.append(CUuuid(MIG))
-    s = Sampler([NvmlBackend(0, nv=fake_pynvml(mig={MIG: 0}))], tmp_path, interval_s=0.05).start()
+    s = Sampler([NvmlBackend(torch.device("cuda", 0), nv=fake_pynvml(mig={MIG: 0}))], tmp_path, interval_s=0.05).start()
     time.sleep(0.2)
     s.stop()
     rows = [json.loads(line) for line in (tmp_path / "idle.jsonl").read_text().splitlines()]
@@ -253,22 +253,22 @@ def hip_pci(monkeypatch):
 def test_amdsmi_reads_the_card_hip_trains_on_by_its_pci_address(hip_pci):
     hip_pci += [(0, 0xC2, 0), (0, 0xC1, 0)]
     lib = fake_amdsmi("6.4", bdfs=AMD_BDFS)
-    assert AmdSmiBackend(0, lib=lib).handle == "gpu1"
-    assert AmdSmiBackend(1, lib=lib).handle == "gpu0"
+    assert AmdSmiBackend(torch.device("cuda", 0), lib=lib).handle == "gpu1"
+    assert AmdSmiBackend(torch.device("cuda", 1), lib=lib).handle == "gpu0"
 
 
 def test_amdsmi_bdf_match_ignores_case_and_the_function_number(hip_pci):
     hip_pci.append((0, 0xC2, 0))
-    assert AmdSmiBackend(0, lib=fake_amdsmi(bdfs=("0000:C1:00.0", "0000:C2:00.1"))).handle == "gpu1"
+    assert AmdSmiBackend(torch.device("cuda", 0), lib=fake_amdsmi(bdfs=("0000:C1:00.0", "0000:C2:00.1"))).handle == "gpu1"
 
 
 def test_amdsmi_without_pci_properties_falls_back_to_the_index(hip_pci, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda i: types.SimpleNamespace(name="AMD Instinct MI100"))  # an older torch
     monkeypatch.setenv("HIP_VISIBLE_DEVICES", "1")
-    assert AmdSmiBackend(0, lib=fake_amdsmi(bdfs=AMD_BDFS)).handle == "gpu1"
+    assert AmdSmiBackend(torch.device("cuda", 0), lib=fake_amdsmi(bdfs=AMD_BDFS)).handle == "gpu1"
 
 
 def test_amdsmi_pci_address_it_does_not_know_falls_back_to_the_index(hip_pci):
     hip_pci.append((0, 0x03, 0))
-    assert AmdSmiBackend(0, lib=fake_amdsmi(bdfs=AMD_BDFS)).handle == "gpu0"
+    assert AmdSmiBackend(torch.device("cuda", 0), lib=fake_amdsmi(bdfs=AMD_BDFS)).handle == "gpu0"

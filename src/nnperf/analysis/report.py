@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import html
 import json
-import numbers
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from .. import lines
 from . import compare, logs, outputs, plot_runs, runinfo, summary
 
 CSS = """
@@ -38,11 +38,6 @@ def _esc(value) -> str:
 
 def _num(value, digits: int = 3) -> str:
     return summary.format_number(value, digits)  # plain text: the caller escapes it once
-
-
-def _fixed(value) -> str:
-    """Three decimals, or '-' when the run's files did not give a number."""
-    return f"{value:.3f}" if isinstance(value, numbers.Real) and not isinstance(value, bool) else "-"
 
 
 def _table(frame: pd.DataFrame, index_label: str = "") -> str:
@@ -99,12 +94,8 @@ def _run_section(src: logs.Source, plots_dir: Path) -> str:
     env_shown = {k: v for k, v in env.items() if k not in ("data", "telemetry")}
     parts = [f'<section class="run"><h2>Run: {_esc(src.label)}</h2>', _headline(items)]
     if best:
-        epoch = f" (epoch {int(best['epoch'])})" if "epoch" in best else ""
-        parts.append(f"<p>FINAL top1 {_fixed(best.get('top1'))}, top5 {_fixed(best.get('top5'))}, "
-                     f"loss {_fixed(best.get('loss'))}{epoch}</p>")
-    for split, r in tests.items():
-        parts.append(f"<p>TEST ({_esc(split)}) top1={_fixed(r.get('top1'))} top5={_fixed(r.get('top5'))} "
-                     f"loss={_fixed(r.get('loss'))}</p>")
+        parts.append(f"<p>{_esc(lines.final_line(best))}</p>")
+    parts += [f"<p>{_esc(lines.test_line(r, split))}</p>" for split, r in tests.items()]
     parts.append("<h3>Training curves</h3>" + ('<div class="plots">' + "".join(_img(p, p.stem) for p in curves)
                                                 + "</div>" if curves else '<p class="note">No metrics.jsonl.</p>'))
     parts.append(_energy_table(mets))

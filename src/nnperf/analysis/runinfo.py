@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from .. import config as config_module
 from . import logs
 
 # Config keys that describe a run at a glance, in the order a reader wants them.
@@ -48,7 +49,8 @@ def _read(path: Path, parse) -> dict:
 
 
 def config(src: logs.Source) -> dict:
-    return _read(src.run_dir / "config.yaml", yaml.safe_load) if src.run_dir else {}
+    """The run's config.yaml, settings renamed since it was written under their current names."""
+    return config_module.upgraded(_read(src.run_dir / "config.yaml", yaml.safe_load)) if src.run_dir else {}
 
 
 def env(src: logs.Source) -> dict:

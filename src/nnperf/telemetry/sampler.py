@@ -7,8 +7,13 @@ in-process read (never a vendor tool), so that a phase shorter than the sampling
 its energy; otherwise it is a plain assignment. Each backend that may block (a driver call, a vendor tool) samples
 on its own schedule in its own worker thread, so a slow one never delays the others, and one that hangs
 is abandoned after a bounded wait (its tool killed) instead of stopping the others or the process's
-exit. Rows are written by the sampler thread alone; a file that cannot be written switches the files off
-with one warning, never the run.
+exit. Rows are written by the sampler thread alone, a second's worth at a time (and at every phase edge
+and at stop); a file that cannot be written switches the files off with one warning, never the run.
+
+What the sampler costs is mostly waking up: on a virtual machine a timer wakeup of a thread costs tens
+of microseconds of CPU before any Python runs, and the first Python after it runs cold. So a tick does
+as little as it can (read, clean, queue a row) and waits on a bare lock rather than a threading.Event;
+rows are encoded and written once a second, hot, in one write per file.
 """
 
 from __future__ import annotations
@@ -31,6 +36,29 @@ ERRORS_BEFORE_DISABLE = 3
 STUCK_MARGIN_S = 1.0  # beyond a backend's own timeout before its call counts as stuck
 EDGE_SLOW_S = 0.2  # a phase-edge energy read slower than this (or failing) is not tried again
 EDGE_BUSY_S = 0.5  # a backend with a call in flight for longer is not read at a phase edge
+FLUSH_EVERY_S = 1.0  # rows wait in memory at most this long before they are written
+ENERGY_METHODS = {"counter": "energy counter differences",
+                  "power": "sampled power integrated over time (trapezoid)"}
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # what json.dumps(row, separators=...) writes
+
+
+class _Alarm:
+    """A timed wait that another thread can cut short. A bare lock's timed acquire: a threading.Event
+    wait builds a Condition and a fresh lock per call, which costs about half as much again per wakeup."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.acquire = self._lock.acquire  # acquire(True, timeout >= 0): wait() without its call
+
+    def ring(self) -> None:
+        """Ends the wait in progress, or the next one; rings before a wait count once."""
+        with contextlib.suppress(RuntimeError):  # already rung, not yet waited on
+            self._lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        """True when rung (the wait ended early), False when `timeout` seconds passed."""
+        return self._lock.acquire(timeout=max(0.0, timeout))
 
 
 def energy_reader(backend) -> Callable[[], float | None] | None:
@@ -67,8 +95,9 @@ def next_tick(due: float, interval_s: float) -> float:
 
 
 class JsonlWriter:
-    """Appends rows to one file per phase; each row is one write of a whole line, flushed, so a crash
-    leaves at most one torn last line (which the reader skips).
+    """Appends rows to one file per phase: `write` one row, `write_many` rows in order, consecutive rows
+    of one phase (one file) as one write of whole lines; every write is flushed, so a crash leaves at
+    most one torn last line (which the reader skips).
 
     Telemetry is never worth a run: the first OSError (disk full, read-only or vanished folder) switches
     the writer off with one warning, and later rows are dropped."""
@@ -80,20 +109,34 @@ class JsonlWriter:
         self.failed: str | None = None
 
     def write(self, phase: str, row: dict) -> None:
-        if self.failed is not None:
-            return
-        try:
-            self._append(phase, json.dumps(row, separators=(",", ":")) + "\n")
-        except OSError as e:
-            self._switch_off(phase, e)
+        self.write_many([(phase, row)])
 
-    def _append(self, phase: str, line: str) -> None:
+    def write_many(self, rows: list[tuple[str, dict]]) -> None:
+        """Write (phase, row) pairs in their order."""
+        if self.failed is not None or not rows:
+            return
+        chunks, phase, lines = [], rows[0][0], []
+        for row_phase, row in rows:
+            if row_phase != phase:
+                chunks.append((phase, lines))
+                phase, lines = row_phase, []
+            lines.append(_encode(row))
+        chunks.append((phase, lines))
+        for phase, lines in chunks:
+            lines.append("")  # the last line's end
+            try:
+                self._append(phase, "\n".join(lines))
+            except OSError as e:
+                self._switch_off(phase, e)
+                return
+
+    def _append(self, phase: str, text: str) -> None:
         f = self.files.get(phase)
         if f is None:
             path = self.path_for(phase)
             path.parent.mkdir(parents=True, exist_ok=True)
             f = self.files[phase] = open(path, "a", encoding="utf-8")
-        f.write(line)
+        f.write(text)
         f.flush()
 
     def _switch_off(self, phase: str, e: OSError) -> None:
@@ -130,6 +173,8 @@ class _Worker:
         self.results: queue.SimpleQueue = queue.SimpleQueue()  # (t, where, ok, sample or exception)
         self.busy_since: float | None = None
         self.thread: threading.Thread | None = None
+        self.alarm = _Alarm()  # rung by the sampler's stop()
+        self.energy = False  # whether a sample or an edge read had energy or power (then the meter sees all)
         self.read_energy = energy_reader(backend)
         # An in-process backend is called by the sampler thread and, at a phase edge, by the training
         # thread: the lock keeps the two from interleaving inside its (not thread-safe) state.
@@ -155,7 +200,10 @@ class _Worker:
                 self.lock.release()
         if time.monotonic() - start > EDGE_SLOW_S:
             self.read_energy = None  # this one read still counts; the next edge goes without
-        return value if value is not None and value >= 0 else None
+        if value is None or value < 0:
+            return None
+        self.energy = True
+        return value
 
     def start(self, where: Callable[[], tuple], interval_s: float, stop: threading.Event) -> None:
         """In-process reads (may_hang False) are called by the sampler thread itself: no thread."""
@@ -165,12 +213,13 @@ class _Worker:
             self.thread.start()
 
     def _serve(self, where: Callable[[], tuple], interval_s: float, stop: threading.Event) -> None:
+        began = time.thread_time()  # the thread's whole CPU time counts, its wakeups included
         due = time.monotonic()
-        while not stop.wait(max(0.0, due - time.monotonic())) and self.disabled is None:
-            start = time.thread_time()
+        while not self.alarm.wait(due - time.monotonic()) and not stop.is_set() and self.disabled is None:
             self.results.put(self._call(where()))
-            self.cpu_s += time.thread_time() - start
+            self.cpu_s = time.thread_time() - began
             due = next_tick(due, interval_s)
+        self.cpu_s = time.thread_time() - began
 
     def _call(self, where: tuple) -> tuple:
         """(t, where, ok, sample or exception) of one sample(); t and where are those of its start."""
@@ -249,11 +298,16 @@ class Sampler:
         self.energy = EnergyMeter()
         self._where: tuple[str, int | None, int | None] = ("idle", None, None)
         self._stop = threading.Event()
+        self._alarm = _Alarm()  # cuts the sampler thread's wait short: at stop, and at a phase edge
         self._thread: threading.Thread | None = None
         self._started = False
         self._stopped = False
         self.own_cpu_s = 0.0
         self.samples = 0
+        # Rows sampled but not yet handed to the writer (the sampler thread's alone; stop() takes over
+        # after joining it), and by when they are to be written.
+        self._queue: list[tuple] = []
+        self._due = 0.0
 
     def backend_timeout(self, backend: Backend) -> float:
         """How long one call of `backend` may run before it counts as stuck, when the caller set no
@@ -270,6 +324,8 @@ class Sampler:
         if self._started and not self._stopped and (phase, epoch) != before[:2]:
             self._phase_edge(before)
         self._where = (phase, epoch, step)  # one reference assignment: atomic under the GIL
+        if self._started and not self._stopped and (phase, epoch) != before[:2]:
+            self._alarm.ring()  # the sampler thread writes the closed phase's rows now, off this thread
 
     def _phase_edge(self, before: tuple) -> None:
         """Close the window `before` with one energy counter reading of each device that has one (the
@@ -298,6 +354,9 @@ class Sampler:
             return
         self._stopped = True
         self._stop.set()
+        self._alarm.ring()
+        for w in self.workers:
+            w.alarm.ring()
         if self._thread is not None:
             self._thread.join(timeout=self.timeout_s + 1)  # it never waits on a backend: this is quick
             self._thread = None
@@ -307,6 +366,7 @@ class Sampler:
         try:
             for w in self.workers:
                 self._collect(w, final=True)
+            self._flush()
         except Exception as e:  # noqa: BLE001 - the last rows are not worth an exception out of stop()
             self.warn(f"last samples lost: {type(e).__name__}: {e}")
         for w in self.workers:
@@ -319,24 +379,59 @@ class Sampler:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def energy_window(self, phase: str, epoch: int | None) -> dict:
+        """{"energy_j": joules, "energy_by_device_j": {device: joules}} of the window (phase, epoch), from
+        the devices that could tell their energy; {} when none could (never a made-up value)."""
+        return self.energy.window(phase, epoch) or {}
+
+    def describe(self) -> dict:
+        """What this sampler did, for env.json: its interval, each backend (and why it was disabled, if
+        it was), how each device's energy was measured, its own CPU time and the ticks it took."""
+        return {"enabled": True, "interval_s": self.interval_s,
+                "backends": [{"name": w.backend.name, "device": w.backend.device, "disabled": w.disabled}
+                             for w in self.workers],
+                "energy_method": {device: ENERGY_METHODS[method] for device, method in self.energy.methods.items()},
+                "sampler_cpu_s": self.cpu_s, "samples": self.samples}
+
     @property
     def cpu_s(self) -> float:
-        """CPU time the sampler has spent, its own thread and the backend threads together."""
+        """CPU time the sampler has spent, its own thread and the backend threads together: all of their
+        CPU time, waking up included (while sampling, as of the last flush or backend call)."""
         return self.own_cpu_s + sum(w.cpu_s for w in self.workers)
 
     # ---- the sampler thread ----
 
     def _loop(self) -> None:
-        due = time.monotonic()
-        while not self._stop.is_set():
-            start = time.thread_time()
+        # Runs every tick on a cold cache, where each call costs: next_tick and _Alarm.wait inlined, and
+        # the thread's CPU time (all of it: its wakeups cost more than its work) read once per flush.
+        thread_time, monotonic, wait, interval = time.thread_time, time.monotonic, self._alarm.acquire, self.interval_s
+        began = thread_time()
+        due = monotonic()
+        while not self._stopped:
             try:
                 self.sample_once()
+                if self._queue and monotonic() >= self._due:
+                    self._flush()
+                    self.own_cpu_s = thread_time() - began
             except Exception as e:  # noqa: BLE001 - the sampler must never die silently mid-run
                 self.warn(f"sampling failed: {e}")
-            self.own_cpu_s += time.thread_time() - start
-            due = next_tick(due, self.interval_s)
-            self._stop.wait(max(0.0, due - time.monotonic()))
+            now = monotonic()
+            due += interval
+            if due < now:
+                due = now + interval  # a missed tick (a stalled thread) is skipped, not made up in a burst
+            while wait(True, max(0.0, due - monotonic())) and not self._stopped:
+                try:  # a phase edge: the closed phase's rows go to disk now
+                    self._flush_edge()
+                except Exception as e:  # noqa: BLE001
+                    self.warn(f"sampling failed: {e}")
+        self.own_cpu_s = thread_time() - began
+
+    def _flush_edge(self) -> None:
+        """At a phase edge: what the worker threads sampled so far, then every queued row, to disk."""
+        for w in self.workers:
+            if w.thread is not None and not w.disabled:
+                self._collect(w)
+        self._flush()
 
     def sample_once(self) -> None:
         """Sample the in-process backends, write what the worker threads sampled since the last tick, and
@@ -349,11 +444,21 @@ class Sampler:
                 try:
                     with w.lock:
                         raw = w.backend.sample()
-                    values = clean(raw)
+                    if type(raw) is not dict:
+                        clean(raw)  # raises the TypeError that counts as a failure
                 except Exception as e:  # noqa: BLE001 - a backend's failure is its own, never the run's
                     self._failed(w, e)
                     continue
-                self._record(w, t, where, values)
+                if w.energy or "energy_j" in raw or "power_w" in raw:
+                    w.energy = True  # from now on every sample goes through the energy meter, in order
+                    self._record(w, t, where, clean(raw))
+                else:
+                    # Nothing for the energy meter (it would only note a reading without energy or
+                    # power, which charges nothing): cleaned and made a row at the next flush.
+                    w.errors = 0
+                    if not self._queue:
+                        self._due = time.monotonic() + FLUSH_EVERY_S
+                    self._queue.append((w, t, where, raw))
                 continue
             self._collect(w)
             if w.stuck_s() > w.timeout_s:
@@ -380,12 +485,36 @@ class Sampler:
         w.errors = 0
         if not values:
             return
+        phase, epoch, _ = where
+        values = self.energy.add(w.backend.device, w.backend.name, phase, epoch, t, values)
+        if not self._queue:
+            self._due = time.monotonic() + FLUSH_EVERY_S
+        self._queue.append((phase, self._row(w, t, where, values)))
+
+    def _row(self, w: _Worker, t: float, where: tuple, values: dict) -> dict:
+        """The row of one sample: its time and tags (those that are None left out), then its values."""
         phase, epoch, step = where
-        device = w.backend.device
-        values = self.energy.add(device, w.backend.name, phase, epoch, t, values)
-        row = {"t": t, "run": self.run, "phase": phase, "epoch": epoch, "step": step, "device": device,
-               "backend": w.backend.name, **values}
-        self.writer.write(phase, {k: v for k, v in row.items() if v is not None})
+        row = {"t": t, "run": self.run, "phase": phase, "epoch": epoch, "step": step, "device": w.backend.device,
+               "backend": w.backend.name}
+        if None in row.values():
+            row = {k: v for k, v in row.items() if v is not None}
+        row.update(values)  # clean() and the energy meter never give None
+        return row
+
+    def _flush(self) -> None:
+        """Hand the queued rows to the writer, in the order they were sampled, and write them: a row
+        queued as (phase, row) is done; one queued as (worker, t, where, raw sample) is cleaned now."""
+        queue_, self._queue = self._queue, []
+        rows = []
+        for item in queue_:
+            if len(item) == 2:
+                rows.append(item)
+                continue
+            w, t, where, raw = item
+            values = clean(raw)
+            if values:
+                rows.append((where[0], self._row(w, t, where, values)))
+        self.writer.write_many(rows)
 
     def _failed(self, w: _Worker, e: BaseException) -> None:
         w.errors += 1

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import data, models, track
+from .. import data, models, telemetry, track
 from .. import device as devices
 from ..config import TrainConfig
 from ..errors import UsageError
@@ -127,7 +127,7 @@ class Run:
     sums: EpochSums | None = None  # of a checkpoint taken mid-epoch: where that epoch's sums resume
     fresh: bool = True  # the run directory was made by this invocation
     partial_val: dict | None = None  # the evaluation where --max-steps cut an epoch short
-    sampler: object | None = None  # telemetry.Sampler while training
+    sampler: telemetry.Sampler | None = None  # while training
     sinks: track.Sinks | None = None
     metrics: track.MetricsFile | None = None
     stop: StopRequest | None = None

@@ -264,8 +264,7 @@ def _set_sampler_phase(run: Run, phase: str) -> None:
 
 def _energy(run: Run, phase: str) -> dict:
     """energy_j of this epoch's phase, where some device could tell it (never made up)."""
-    window = run.sampler.energy.window(phase, run.pos.epoch + 1) if run.sampler is not None else None
-    return window or {}
+    return run.sampler.energy_window(phase, run.pos.epoch + 1) if run.sampler is not None else {}
 
 
 def _open_sinks(run: Run, log: Callable[[str], None], extra: list) -> track.Sinks:
@@ -294,15 +293,7 @@ def _close(run: Run, log: Callable[[str], None]) -> None:
 
 
 def _telemetry_info(run: Run) -> dict:
-    if run.sampler is None:
-        return {"enabled": False}
-    return {"enabled": True, "interval_s": run.cfg.telemetry_interval,
-            "backends": [{"name": w.backend.name, "device": w.backend.device, "disabled": w.disabled}
-                         for w in run.sampler.workers],
-            "energy_method": {d: {"counter": "energy counter differences",
-                                  "power": "sampled power integrated over time (trapezoid)"}[m]
-                              for d, m in run.sampler.energy.methods.items()},
-            "sampler_cpu_s": run.sampler.cpu_s, "samples": run.sampler.samples}
+    return run.sampler.describe() if run.sampler is not None else {"enabled": False}
 
 
 def _progress_bar(run: Run):

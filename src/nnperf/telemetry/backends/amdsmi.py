@@ -6,7 +6,9 @@ import importlib
 import os
 from typing import Callable
 
-from .base import first_number, number
+import torch
+
+from .base import first_number, index_of, number
 
 
 def load_amdsmi():
@@ -80,8 +82,10 @@ def _not_supported(e: Exception) -> bool:
 
 class AmdSmiBackend:
     name = "amdsmi"
+    may_hang = True  # driver calls can block: its own thread and bound
 
-    def __init__(self, hip_index: int = 0, lib=None):
+    def __init__(self, device: torch.device | str, lib=None):
+        hip_index = index_of(torch.device(device))
         self.lib = lib or load_amdsmi()
         self.lib.amdsmi_init()
         self.device = f"cuda:{hip_index}"
@@ -116,8 +120,10 @@ class AmdSmiBackend:
                     return handle
         return None
 
-    @staticmethod
-    def available() -> tuple[bool, str]:
+    @classmethod
+    def available(cls, device: torch.device) -> tuple[bool, str]:
+        if torch.device(device).type != "cuda":
+            return False, "amdsmi serves ROCm (cuda) devices only"
         try:
             lib = load_amdsmi()
             lib.amdsmi_init()

@@ -9,6 +9,10 @@ import time
 import uuid as _uuid
 from typing import Callable
 
+import torch
+
+from .base import index_of
+
 MB = 1024 * 1024
 # Clock-event (formerly "throttle") reason bits, identical in every NVML version.
 REASONS = {0x1: "gpu_idle", 0x2: "applications_clocks", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
@@ -68,8 +72,10 @@ def load_pynvml():
 
 class NvmlBackend:
     name = "nvml"
+    may_hang = True  # driver calls can block (a GPU falling off the bus): its own thread and bound
 
-    def __init__(self, cuda_index: int = 0, nv=None):
+    def __init__(self, device: torch.device | str, nv=None):
+        cuda_index = index_of(torch.device(device))
         self.nv = nv or load_pynvml()
         self.nv.nvmlInit()
         self.device = f"cuda:{cuda_index}"
@@ -89,8 +95,10 @@ class NvmlBackend:
             "throttle_reasons": self._throttle, "pcie": self._pcie}
         self._last_pcie = 0.0
 
-    @staticmethod
-    def available() -> tuple[bool, str]:
+    @classmethod
+    def available(cls, device: torch.device) -> tuple[bool, str]:
+        if torch.device(device).type != "cuda":
+            return False, "NVML serves CUDA devices only"
         try:
             nv = load_pynvml()
             nv.nvmlInit()

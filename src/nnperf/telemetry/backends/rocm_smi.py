@@ -12,8 +12,10 @@ import re
 import shutil
 import time
 
+import torch
+
 from .amdsmi import visible_index
-from .base import first_number, number
+from .base import first_number, index_of, number
 from .tool import ToolRunner
 
 MB = 1024 * 1024
@@ -98,8 +100,10 @@ class _CliBackend:
     name: str
     program: str
     timeout_s = 5.0
+    may_hang = True  # a process per sample, which may not answer: its own thread, killed when stuck
 
-    def __init__(self, hip_index: int = 0, run=None):
+    def __init__(self, device: torch.device | str, run=None):
+        hip_index = index_of(torch.device(device))
         self.device = f"cuda:{hip_index}"
         self.index = visible_index(hip_index)
         self.tool = ToolRunner()
@@ -111,7 +115,9 @@ class _CliBackend:
         raise NotImplementedError
 
     @classmethod
-    def available(cls) -> tuple[bool, str]:
+    def available(cls, device: torch.device) -> tuple[bool, str]:
+        if torch.device(device).type != "cuda":
+            return False, f"{cls.program} serves ROCm (cuda) devices only"
         path = shutil.which(cls.program)
         return (True, path) if path else (False, f"{cls.program} is not on PATH")
 

@@ -11,14 +11,16 @@ class TorchMemBackend:
     name = "torch"
     may_hang = False  # reads process counters: it cannot block, so the sampler calls it directly
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device | str):
+        device = torch.device(device)
         self.dev = device
         self.device = str(device)
         self.api = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch, "mps", None)}.get(
             device.type)
 
-    @staticmethod
-    def available_for(device: torch.device) -> tuple[bool, str]:
+    @classmethod
+    def available(cls, device: torch.device) -> tuple[bool, str]:
+        device = torch.device(device)
         if device.type in ("cuda", "xpu"):
             return True, f"torch.{device.type} memory statistics"
         if device.type == "mps":
