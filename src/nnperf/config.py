@@ -77,6 +77,21 @@ def _bound(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
+def duration(value: str | float | int) -> float:
+    """Seconds from "600", "600s", "10m", "1.5h" or a number of seconds (a saved config holds the number)."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    number = float(text[:-1] if scale else text)  # ValueError for anything else
+    return number * (scale or 1)
+
+
+duration.expects = "a duration such as 600s, 10m or 1h"
+
+
 def setting(default: Any, help: str, kind: type = str, choices: tuple | None = None, *,
             min: float | None = None, max: float | None = None, above: float | None = None,
             below: float | None = None, unit: str | None = None, must: str | None = None):
@@ -158,6 +173,9 @@ class TrainConfig:
                               choices=NAN_POLICIES)
     tta: int = setting(0, "test-time augmentation: 0 none, 1 flips, 2 flips and 1-pixel translations", kind=int,
                        min=0, max=2, must="0, 1 or 2")
+    time_budget: float | None = setting(None, "fit the whole run, evaluation included, into this wall time (600s, "
+                                        "10m, 1h): time the first steps here, then choose --epochs to fill it",
+                                        kind=duration, above=0, max=10**7, unit="seconds")
     eval_every: int = setting(1, "evaluate every N epochs (the last epoch always)", kind=int,
                               min=1, max=10**6, unit="epochs")
     # hardware
@@ -238,7 +256,7 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
             raise ValueError
         return kind(value)
     except (TypeError, ValueError):
-        raise UsageError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+        raise UsageError(f"{where}: expected {getattr(kind, 'expects', kind.__name__)}, got {value!r}") from None
 
 
 def read_yaml_mapping(path: str | Path, label: str) -> dict:

@@ -20,7 +20,7 @@ from ..errors import EnvError, Interrupted
 from ..fileio import describe_os_error, write_stream
 from ..lines import final_line, partial_line
 from ..telemetry import backends as telemetry_backends
-from . import build, checkpoint, divergence, rundir
+from . import budget, build, checkpoint, divergence, rundir
 from .build import Run
 from .inputwait import InputWait, measured_by
 from .signals import StopRequest
@@ -32,11 +32,13 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
     row to metrics.jsonl, the console (`log`), the trackers cfg asks for and `sinks` (track.Sink;
     one may end the run after an epoch by raising track.StopRun). Returns the run directory and the
     best epoch's metrics."""
+    started = time.monotonic()
     if cfg.name is None:
         cfg.name = rundir.default_name(cfg)
     run = build.setup(cfg, state, log)
     try:
         with StopRequest() as run.stop:
+            _fit_to_budget(run, state, started, log)
             _start(run, state, log)
             _epochs(run, log, list(sinks))
             with run.stop.saving():
@@ -51,6 +53,15 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
         raise
     log(final_line(run.pos.best) if run.pos.best or run.partial_val is None else partial_line(run.partial_val))
     return {"run_dir": str(run.dir), "best": run.pos.best, "epochs": run.pos.epoch, "steps": run.pos.global_step}
+
+
+def _fit_to_budget(run: Run, state: dict | None, started: float, log: Callable[[str], None]) -> None:
+    if run.cfg.time_budget is None:
+        return
+    if state is not None:  # the budget chose the epochs when the run began; they stay
+        log(f"--time-budget: a resumed run keeps its {run.cfg.epochs} epochs (give --epochs to change them)")
+        return
+    budget.fit_to_budget(run, started, log)
 
 
 def _start(run: Run, state: dict | None, log: Callable[[str], None]) -> None:
