@@ -25,6 +25,39 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("NNPERF_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def _policy_prefers_the_rules(request, monkeypatch):
+    """The measured precision/memory-format policy, with made-up timings in which the rules' choice
+    is fastest: every run is as fast to set up and as predictable as with --policy static, and the
+    policy's own plumbing still runs. Tests marked `measured_policy` time the candidates for real."""
+    if request.node.get_closest_marker("measured_policy"):
+        return
+    import torch
+
+    from nnperf import device as devices
+    from nnperf.perf import policy
+
+    def timed(model, x, y, dev, cand, reference, best_warmup):
+        rule = devices.best_mixed(dev)
+        layout, _ = devices.choose_channels_last(dev, rule, None)
+        fastest = cand == policy.Candidate(rule.name, layout)
+        return policy.Timing(cand, 200.0 if fastest else 100.0), 1.0, 0.01
+
+    monkeypatch.setattr(policy, "_time_candidate", timed)
+
+
+@pytest.fixture(autouse=True)
+def _known_peak(request, monkeypatch):
+    """A made-up peak of 100 GFLOP/s for MFU, instead of measuring this CPU's (seconds, once per cache)
+    in every training test. Tests marked `measured_peak` measure it."""
+    if request.node.get_closest_marker("measured_peak"):
+        return
+    from nnperf.perf import peak
+
+    monkeypatch.setattr(peak, "peak_flops", lambda dev, precision: 100e9)
+    monkeypatch.setattr(peak, "is_cached", lambda dev, precision: True)
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run `nnperf ARGS` in this process; returns (exit code, stdout, stderr)."""

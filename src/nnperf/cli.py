@@ -83,6 +83,7 @@ def _parser() -> Parser:
     roof.add_argument("--summary", metavar="FILE.csv", help="per-kernel summary CSV (default: beside the plot)")
     roof.add_argument("--tensor-flops-per-inst", type=float, default=4096, metavar="N",
                       help="FLOPs per tensor-pipe warp instruction (default 4096: a 16x8x16 MMA)")
+    _add_perf_commands(sub)
     sweep = sub.add_parser("sweep", help="Optuna hyperparameter sweep over a YAML search space")
     sweep.add_argument("spec", metavar="SPEC.yaml")
     sweep.add_argument("--trials", type=int, help="run at most this many trials in this worker (default: until "
@@ -101,6 +102,65 @@ def _parser() -> Parser:
     show.add_argument("--per-class", type=int, default=8, help="samples per class (default 8)")
     show.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
     return root
+
+
+def _add_perf_commands(sub) -> None:
+    """`nnperf bench`, `peak` and `profile`: the performance lab (nnperf.perf)."""
+    bench = sub.add_parser("bench", help="eager vs compile vs trace vs script vs export: forward and training-step "
+                                         "timings of one or more models")
+    bench.add_argument("--model", default="small_cifar", metavar="M[,M2...]", help="models (default small_cifar)")
+    bench.add_argument("--dataset", default="cifar10", help="the batches' shape: channels, size, classes "
+                                                            "(default cifar10)")
+    bench.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
+    bench.add_argument("--precision", choices=configs.PRECISIONS, help="default: the device's best")
+    bench.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="NHWC memory layout (default: the device's choice)")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, xpu or mps")
+    bench.add_argument("--modes", default="eager,compile,trace,script,export", metavar="A,B",
+                       help="of eager, compile, trace, script, export (default: all)")
+    bench.add_argument("--what", default="forward,step", metavar="A,B", help="forward, step or both (default)")
+    bench.add_argument("--conv-impl", default="torch", metavar="A,B",
+                       help="convnet3's convolution: torch, handmade or both (default torch)")
+    bench.add_argument("--width", type=int, help="base channel count of the models (default: each model's own)")
+    bench.add_argument("--image-size", type=int, help="image side instead of the dataset's (default: the dataset's)")
+    bench.add_argument("--min-time", type=float, default=1.0, metavar="S",
+                       help="seconds of timing per measurement at least (default 1)")
+    bench.add_argument("--out", metavar="DIR", help="table as CSV + JSON here (default bench/<models>)")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    bench.add_argument("--policy", action="store_true",
+                       help="time the precision x memory-format candidates instead (what the default path chooses)")
+    peak = sub.add_parser("peak", help="this device's measured peak FLOP/s (matmul, 3x3 conv) and memory bandwidth")
+    peak.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, xpu or mps")
+    peak.add_argument("--dtypes", default="fp32,bf16,fp16", metavar="A,B",
+                      help="of fp32, bf16, fp16 (default: all three, where the device runs them)")
+    peak.add_argument("--refresh", action="store_true", help="measure again instead of reading the cache")
+    peak.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    profile = sub.add_parser("profile", help="warm up, then capture exactly one training step (NVTX ranges for "
+                                             "Nsight, torch.profiler trace and tables in RUN/profile/); "
+                                             "--resume RUN/checkpoints/last.pt profiles an existing run")
+    _add_config_flags(profile)
+    profile.add_argument("--warmup-iters", type=int, default=20, metavar="N", help="steps before the capture "
+                                                                                 "(default 20)")
+    profile.add_argument("--profile-iter", type=int, default=1, metavar="K",
+                         help="which step after the warm-up to capture (default 1: the first)")
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from .perf import bench
+
+    return bench.run(ns)
+
+
+def cmd_peak(ns: argparse.Namespace) -> int:
+    from .perf import peak
+
+    return peak.run(ns)
+
+
+def cmd_profile(ns: argparse.Namespace) -> int:
+    from .perf import profile
+
+    return profile.run(ns)
 
 
 def cmd_montage(ns: argparse.Namespace) -> int:
@@ -214,7 +274,7 @@ def cmd_data(ns: argparse.Namespace) -> int:
             raise UsageError(f"--out {ns.out}: is inside the dataset folder --data {ns.data}; write the grid "
                              "elsewhere")
     cfg = configs.build({}, {"dataset": ns.dataset, "data": ns.data})
-    ds = data.load(cfg)
+    ds = data.load(data.Source.of(cfg))
     print(show.counts(ds))
     print(f"wrote {show.grid(ds, ns.out, ns.per_class, ns.seed)}")
     return 0
@@ -334,7 +394,8 @@ def cmd_plot(ns: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "plot": cmd_plot, "montage": cmd_montage, "compare": cmd_compare, "data": cmd_data,
             "roofline": cmd_roofline, "report": cmd_report, "sweep": cmd_sweep, "test": cmd_test,
-            "predict": cmd_predict, "devices": cmd_devices}
+            "predict": cmd_predict, "devices": cmd_devices, "bench": cmd_bench, "peak": cmd_peak,
+            "profile": cmd_profile}
 
 
 # The libraries each command needs, imported before it runs while Ctrl-C waits: an interrupt in the
@@ -342,7 +403,8 @@ COMMANDS = {"train": cmd_train, "plot": cmd_plot, "montage": cmd_montage, "compa
 PRELOAD = {"train": "nnperf.train", "test": "nnperf.train", "predict": "nnperf.train", "data": "nnperf.data",
            "plot": "nnperf.analysis", "report": "nnperf.analysis.report", "compare": "nnperf.analysis.compare",
            "montage": "nnperf.analysis.montage", "roofline": "nnperf.analysis.roofline", "sweep": "nnperf.sweep",
-           "devices": "nnperf.telemetry.devices"}
+           "devices": "nnperf.telemetry.devices", "bench": "nnperf.perf.bench", "peak": "nnperf.perf.peak",
+           "profile": "nnperf.perf.profile"}
 
 
 def _preload(command: str) -> bool:
@@ -367,6 +429,7 @@ def _preload(command: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    ns.argv = list(argv) if argv is not None else sys.argv[1:]  # the command as given (nnperf profile reprints it)
     try:
         if _preload(ns.command):
             raise KeyboardInterrupt

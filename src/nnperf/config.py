@@ -28,6 +28,7 @@ LOADERS = ("tensor", "torch")
 PAD_MODES = ("zero", "reflect")
 FLIPS = ("random", "alternate")
 NAN_POLICIES = ("stop", "skip")
+JIT_MODES = ("eager", "compile", "trace", "script", "export")
 
 
 # Settings renamed since they were first saved: old name -> new name. A config.yaml, preset or
@@ -184,8 +185,14 @@ class TrainConfig:
     amp: bool | None = setting(None, "the device's best mixed precision (the default); --no-amp: fp32", kind=bool)
     channels_last: bool | None = setting(None, "NHWC memory layout (default: where the device is faster with it)",
                                          kind=bool)
-    compile: bool = setting(False, "run the model through torch.compile (eager if the backend is unavailable)",
-                            kind=bool)
+    policy: str = setting("measured", "how the default precision and memory format are chosen: measured (time each "
+                          "candidate once per device, model, input shape and batch; cached) or static (rules from "
+                          "the device's features); --precision and --channels-last override either",
+                          choices=("measured", "static"))
+    jit: str = setting("eager", "the forward pass through eager, compile (torch.compile), trace or script "
+                       "(TorchScript, deprecated) or export (torch.export); checkpoints stay plain state dicts",
+                       choices=JIT_MODES)
+    compile: bool = setting(False, "the same as --jit compile (eager if the compiler is unavailable)", kind=bool)
     device: str = setting("auto", "auto, cpu, cuda, cuda:N, xpu or mps")
     workers: int = setting(0, "DataLoader worker processes for --loader torch", kind=int, min=0, max=1024)
     seed: int = setting(0, "random seed: initialisation, data order, augmentation", kind=int,
@@ -320,6 +327,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.synthetic_channels in (1, 3), "--synthetic-channels", f"must be 1 or 3, got {cfg.synthetic_channels}")
     _check(not (cfg.decoupled and cfg.optimizer not in ("sgd", "nesterov", "muon")), "--decoupled",
            "is defined for --optimizer sgd, nesterov or muon")
+    _check(not (cfg.compile and cfg.jit not in ("eager", "compile")), "--compile",
+           f"is --jit compile; it cannot go with --jit {cfg.jit} (drop one of them)")
     _check(not (cfg.optimizer == "sam" and cfg.precision == "fp16"), "--optimizer sam",
            "works with --precision fp32 or bf16, not fp16 (its two passes do not fit one gradient scaler step)")
 

@@ -18,8 +18,9 @@ def epoch_line(train: dict, val: dict | None) -> str:
     ips = f"{train['images_per_s']:.0f}" if train.get("images_per_s") else "-"
     evaluated = f"val {fixed(val.get('loss'))} top1 {fixed(val.get('top1'))} top5 {fixed(val.get('top5'))}" \
         if val else "val -"
+    mfu = f" | MFU {100 * train['mfu']:.1f}%" if isinstance(train.get("mfu"), numbers.Real) else ""
     return (f"e{train['epoch']}: train {fixed(train.get('loss'))}/{fixed(train.get('top1'))} | {evaluated} | "
-            f"{fixed(train.get('seconds'), 1)}s {ips} img/s")
+            f"{fixed(train.get('seconds'), 1)}s {ips} img/s{mfu}")
 
 
 def final_line(best: dict | None) -> str:

@@ -31,7 +31,8 @@ def side_by_side(srcs: list[logs.Source]) -> tuple[pd.DataFrame, list[str]]:
                     "final top-1": best.get("top1"), "final top-5": best.get("top5"),
                     "best epoch": best.get("epoch"), "test top-1": test.get("top1"),
                     "time (s)": row.get("duration_s"), "images/s": row.get("images_per_s"),
-                    "energy (J)": row.get("energy_j"), "energy/epoch (J)": row.get("energy_per_epoch_j")})
+                    "energy (J)": row.get("energy_j"), "energy/epoch (J)": row.get("energy_per_epoch_j"),
+                    "MFU (mean of epochs)": runinfo.mean_mfu(mets[mets["run"] == src.label] if len(mets) else mets)})
         for m in ("gpu_util_pct", "power_w", "cpu_util_pct"):
             if f"{m}_mean" in row:
                 col[f"mean {m}"] = row[f"{m}_mean"]

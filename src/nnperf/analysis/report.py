@@ -85,6 +85,9 @@ def _run_section(src: logs.Source, plots_dir: Path) -> str:
     summary = result.summary.iloc[0].to_dict() if len(result.summary) else {}
     items = [("FINAL top-1", _num(best.get("top1"), 4)), ("FINAL top-5", _num(best.get("top5"), 4)),
              ("best epoch", _num(best.get("epoch")))]
+    mfu = runinfo.mean_mfu(mets)
+    if mfu is not None:
+        items.append(("MFU", f"{100 * mfu:.1f}%"))
     items += [(f"TEST top-1 ({split})", _num(r.get("top1"), 4)) for split, r in tests.items()]
     items += [("time", f"{_num(summary.get('duration_s'))} s"), ("images/s", _num(summary.get("images_per_s"))),
               ("energy", f"{_num(summary.get('energy_j'))} J" if pd.notna(summary.get("energy_j")) else "not reported"),

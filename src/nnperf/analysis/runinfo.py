@@ -93,3 +93,11 @@ def differing_keys(configs: list[dict]) -> list[str]:
     """Config keys whose values are not the same in every run (a key one run lacks counts)."""
     keys = sorted(set().union(*configs)) if configs else []
     return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+
+
+def mean_mfu(mets: pd.DataFrame) -> float | None:
+    """The mean model FLOPs utilisation of a run's training epochs, None where metrics.jsonl has none."""
+    if "mfu" not in mets or "phase" not in mets:
+        return None
+    values = pd.to_numeric(mets.loc[mets["phase"] == "train", "mfu"], errors="coerce").dropna()
+    return float(values.mean()) if len(values) else None

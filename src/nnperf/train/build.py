@@ -3,6 +3,7 @@ predict), and for training the whole run, checked before anything is written."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,10 +15,11 @@ from .. import data, models, telemetry, track
 from .. import device as devices
 from ..config import TrainConfig
 from ..errors import UsageError
-from . import checkpoint, rundir
+from ..perf import flops, peak, policy
+from . import checkpoint, jit, rundir
 from .optim import Lookahead, make_optimizer, make_schedule
 from .signals import StopRequest
-from .step import CompiledOrEager, EpochSums, TrainStep
+from .step import EpochSums, TrainStep
 
 # Images the data-dependent initialisation (the fast model's whitening layer) looks at.
 INIT_IMAGES = 5000
@@ -33,6 +35,7 @@ class Hardware:
     precision: devices.Precision
     channels_last: bool
     layout_reason: str
+    policy: dict | None = None  # what --policy measured timed and chose (env.json)
 
     def describe(self) -> str:
         layout = "channels_last" if self.channels_last else "NCHW"
@@ -44,6 +47,57 @@ def choose_hardware(cfg: TrainConfig) -> Hardware:
     precision = devices.choose_precision(dev, cfg.precision, cfg.amp)
     channels_last, reason = devices.choose_channels_last(dev, precision, cfg.channels_last)
     return Hardware(dev, precision, channels_last, reason)
+
+
+def choose_measured(cfg: TrainConfig, hw: Hardware, model: nn.Module, info: data.DataInfo,
+                    state: dict | None) -> Hardware:
+    """--policy measured: the fastest safe precision and memory format for this device, model, input
+    shape and batch, timed once and cached (perf/policy.py); what the user set stays set. A resumed
+    run keeps what its run started with (checkpoints from before this policy: the rules)."""
+    kept = state.get("hardware") if state else None
+    if state is not None:
+        if not isinstance(kept, dict) or cfg.precision is not None or cfg.channels_last is not None:
+            return hw
+        why = "kept from the run's start (--resume)"
+        return Hardware(hw.dev, devices.Precision(str(kept["precision"]), why), bool(kept["channels_last"]), why)
+    precision = cfg.precision or ("fp32" if cfg.amp is False else None)
+    if cfg.policy == "static" or (precision and cfg.channels_last is not None):
+        return hw
+    cands = policy.candidates(hw.dev, hw.precision, precision, cfg.channels_last)
+    if cfg.optimizer == "sam":  # its two passes do not fit one gradient scaler step
+        cands = [c for c in cands if c.precision != "fp16"] or cands
+    model_id = policy.model_id(cfg.model, cfg.width, cfg.conv_impl, info.num_classes)
+    fallback = policy.Candidate(hw.precision.name, hw.channels_last)
+    choice = policy.choose(model, model_id, info.shape, info.num_classes, cfg.batch_size, hw.dev, cands, fallback)
+    chosen, why = choice.candidate, choice.reason()
+    layout_why = "measured with it" if precision is None else why
+    return Hardware(hw.dev, devices.Precision(chosen.precision, why if precision is None else hw.precision.reason),
+                    chosen.channels_last, layout_why if cfg.channels_last is None else hw.layout_reason,
+                    choice.to_dict())
+
+
+def mfu_basis(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: Hardware,
+              log: Callable[[str], None]) -> tuple[float | None, float | None]:
+    """(FLOPs of one training step per image, the device's peak FLOP/s in the run's precision): MFU's
+    numerator per image/s and its denominator. Either is None where it cannot be had; MFU is then
+    left out, and training goes on."""
+    per_image = peak_rate = None
+    try:
+        # SAM runs forward and backward twice per step.
+        per_image = flops.model_flops_per_image(model, info.shape, info.num_classes) * (2 if cfg.optimizer == "sam" else 1)
+    except Exception as e:  # noqa: BLE001 - a model FlopCounterMode cannot follow still trains
+        log(f"warning: FLOPs of {cfg.model} could not be counted ({type(e).__name__}: {e}); no MFU")
+    start = time.perf_counter()
+    try:
+        measuring = not peak.is_cached(hw.dev, hw.precision.name)
+        peak_rate = peak.peak_flops(hw.dev, hw.precision.name)
+    except Exception as e:  # noqa: BLE001
+        measuring = False
+        log(f"warning: the peak FLOP/s of {hw.dev} could not be measured ({type(e).__name__}: {e}); no MFU")
+    if peak_rate and measuring:
+        log(f"measured this device's {hw.precision.name} peak for MFU: {peak_rate / 1e9:.1f} GFLOP/s in "
+            f"{time.perf_counter() - start:.1f}s (once: cached; `nnperf peak` measures it fully)")
+    return per_image, peak_rate
 
 
 @dataclass
@@ -127,6 +181,8 @@ class Run:
     sums: EpochSums | None = None  # of a checkpoint taken mid-epoch: where that epoch's sums resume
     fresh: bool = True  # the run directory was made by this invocation
     partial_val: dict | None = None  # the evaluation where --max-steps cut an epoch short
+    flops_per_image: float | None = None  # of a training step, for MFU (counted once, at setup)
+    peak_flops: float | None = None  # this device's measured peak FLOP/s in the run's precision
     sampler: telemetry.Sampler | None = None  # while training
     sinks: track.Sinks | None = None
     metrics: track.MetricsFile | None = None
@@ -158,9 +214,12 @@ def setup(cfg: TrainConfig, state: dict | None, log: Callable[[str], None]) -> R
         checkpoint.state_matches_model(state, model, cfg.resume)
     else:
         _init_from_data(model, splits.train, info, hw.dev)
+    hw = choose_measured(cfg, hw, model, info, state)
+    model = model.to(memory_format=torch.channels_last if hw.channels_last else torch.contiguous_format)
     _check_model_runs(cfg, model, info, hw)
     run = _assemble(cfg, path, hw, info, model, splits, log)
     run.fresh = fresh
+    run.flops_per_image, run.peak_flops = mfu_basis(cfg, model, info, hw, log)
     if state:
         checkpoint.restore(run, state)
     if fresh:
@@ -178,11 +237,28 @@ def _assemble(cfg: TrainConfig, path: Path, hw: Hardware, info: data.DataInfo, m
     # --max-steps only stops early; the schedule keeps its full length so a stopped run can resume.
     scheduler = make_schedule(cfg, optimizer, len(train) * cfg.epochs)
     scaler = torch.amp.GradScaler(hw.dev.type) if hw.precision.needs_scaler else None
-    forward = CompiledOrEager(model, log) if cfg.compile else None
+    forward = graph_forward(cfg, model, info, hw, log)
     step = TrainStep(model, optimizer, scaler, hw.dev, hw.precision, cfg.label_smoothing, forward,
                      skip_nonfinite=cfg.nan_policy == "skip")
     lookahead = Lookahead(model, cfg.lookahead_every, cfg.lookahead_decay) if cfg.lookahead_every else None
     return Run(cfg, path, hw, info, model, optimizer, scheduler, scaler, train, evals, step, lookahead)
+
+
+def graph_forward(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: Hardware,
+                  log: Callable[[str], None]) -> nn.Module | None:
+    """The model's forward through --jit (or --compile); None for eager. Made in train mode on a batch
+    of the training shape and layout; evaluation runs the eager model."""
+    mode = "compile" if cfg.compile else cfg.jit
+    if mode == "eager":
+        return None
+    fmt = torch.channels_last if hw.channels_last else torch.contiguous_format
+    example = torch.randn(cfg.batch_size, *info.shape, device=hw.dev).contiguous(memory_format=fmt)
+    try:
+        with torch.random.fork_rng(devices=[hw.dev] if hw.dev.type == "cuda" else []):
+            return jit.make_forward(model.train(), mode, example, log)
+    except jit.ModeUnavailable as e:
+        raise UsageError(f"--jit {mode}: {e.why} (the other modes, or eager, may work: nnperf bench --model "
+                         f"{cfg.model} --modes eager,{mode} shows which)") from None
 
 
 def _check_settings(cfg: TrainConfig, state: dict | None, hw: Hardware) -> None:

@@ -167,7 +167,9 @@ def state_of(run: Run, sums: EpochSums) -> dict:
     p = run.pos
     return {"config": configs.to_dict(run.cfg), "data": run.info.to_dict(), "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict() if run.scaler else None, "epoch": p.epoch, "step": p.step,
+            "scaler": run.scaler.state_dict() if run.scaler else None,
+            "hardware": {"precision": run.hw.precision.name, "channels_last": run.hw.channels_last},
+            "epoch": p.epoch, "step": p.step,
             "global_step": p.global_step, "best": p.best, "sums": sums.state(), "rng": rng_state(run.dev),
             "lookahead": run.lookahead.average if run.lookahead else None}
 

@@ -19,6 +19,7 @@ from .. import envinfo, telemetry, track
 from ..errors import EnvError, Interrupted
 from ..fileio import describe_os_error, write_stream
 from ..lines import final_line, partial_line
+from ..perf import flops
 from ..telemetry import backends as telemetry_backends
 from . import budget, build, checkpoint, divergence, rundir
 from .build import Run
@@ -67,6 +68,8 @@ def _fit_to_budget(run: Run, state: dict | None, started: float, log: Callable[[
 def _start(run: Run, state: dict | None, log: Callable[[str], None]) -> None:
     env = envinfo.collect(run.dev, run.hw.precision, run.hw.channels_last)
     env.update(channels_last_reason=run.hw.layout_reason, data=run.info.to_dict(), data_wait_s=measured_by(run.dev))
+    if run.hw.policy is not None:
+        env["policy"] = run.hw.policy
     if state is not None:
         env["resumed_at"] = {"epoch": run.pos.epoch, "step": run.pos.step, "global_step": run.pos.global_step}
     rundir.write_start_files(run.dir, run.cfg, env)
@@ -226,8 +229,17 @@ def _train_row(run: Run, sums: EpochSums, phase: str) -> dict:
     return {"t": time.time(), "epoch": p.epoch + 1, "step": p.global_step, "phase": phase, **sums.means(),
             "lr": run.optimizer.param_groups[0]["lr"], "images": sums.images, "seconds": sums.seconds,
             "images_per_s": sums.images / sums.seconds if sums.seconds > 0 else None,
-            "data_wait_s": sums.data_wait_s,
+            "data_wait_s": sums.data_wait_s, **_mfu(run, sums),
             **({"skipped_steps": sums.skipped_steps} if run.cfg.nan_policy == "skip" else {})}
+
+
+def _mfu(run: Run, sums: EpochSums) -> dict:
+    """Model FLOPs utilisation of the epoch: FLOPs per image x images/s / the device's measured peak."""
+    if run.flops_per_image is None:
+        return {}
+    ips = sums.images / sums.seconds if sums.seconds > 0 else None
+    value = flops.mfu(run.flops_per_image, ips, run.peak_flops)
+    return {"model_flops_per_image": run.flops_per_image, **({"mfu": value} if value is not None else {})}
 
 
 # ---- stopping -------------------------------------------------------------------------------------
