@@ -86,3 +86,23 @@ def test_a_resumed_run_keeps_the_epochs_its_budget_chose(run_cli, tmp_path, monk
     code, out, err = run_cli("train", "--resume", tmp_path / "runs/r/checkpoints/last.pt")
     assert code == 0, err
     assert "keeps its 3 epochs" in out and "e3:" in out and "e4:" not in out
+
+
+def test_keep_within_shortens_the_run_when_epochs_take_longer_than_probed(monkeypatch):
+    from types import SimpleNamespace
+
+    schedule = SimpleNamespace(total=100)
+    run = SimpleNamespace(budget_clock=(0.0, 10.0), pos=SimpleNamespace(epoch=2, step=0),
+                          cfg=SimpleNamespace(epochs=10, time_budget=100.0), train=[None] * 10,
+                          scheduler=SimpleNamespace(lr_lambdas=[schedule]))
+    monkeypatch.setattr(budget.time, "monotonic", lambda: 40.0)  # 2 epochs in 30 s: 15 s each
+    said = []
+    budget.keep_within(run, said.append)
+    # 97 s usable (3% margin), 40 s gone: 57 s left, three more epochs of 15 s.
+    assert run.cfg.epochs == 5 and schedule.total == 50 and "5 epochs instead of 10" in said[0]
+    budget.keep_within(run, said.append)  # on plan now: nothing changes
+    assert run.cfg.epochs == 5 and len(said) == 1
+    run.budget_clock = None  # epochs the user gave (or a resumed run's) are never changed
+    monkeypatch.setattr(budget.time, "monotonic", lambda: 90.0)
+    budget.keep_within(run, said.append)
+    assert run.cfg.epochs == 5

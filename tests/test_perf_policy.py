@@ -65,7 +65,7 @@ def test_the_choice_is_cached_per_device_model_shape_and_batch(monkeypatch):
     cands = [policy.Candidate("fp32", False), policy.Candidate("fp32", True)]
     model_id = {"name": "small_cifar", "width": 8}
     first = policy.choose(_model(), model_id, (3, 16, 16), 10, 32, CPU, cands, cands[0])
-    assert not first.cached and first.candidate == policy.fastest(first.timings).candidate
+    assert not first.cached and first.candidate == policy.pick(first.timings, cands[0])
 
     def no_timing(*args):
         raise AssertionError("measured again")
@@ -76,6 +76,19 @@ def test_the_choice_is_cached_per_device_model_shape_and_batch(monkeypatch):
     assert again.cached and again.candidate == first.candidate and "cached measurement" in again.reason()
     other_batch = policy.choose(_model(), model_id, (3, 16, 16), 10, 16, CPU, cands, cands[0])
     assert not other_batch.cached
+
+
+def test_the_rules_stand_unless_another_candidate_is_clearly_faster():
+    rules, other = policy.Candidate("fp32", False), policy.Candidate("fp32", True)
+    close = [policy.Timing(rules, 100.0), policy.Timing(other, 108.0)]
+    assert policy.pick(close, rules) == rules  # 8% is within what a short probe can tell
+    clear = [policy.Timing(rules, 100.0), policy.Timing(other, 200.0)]
+    assert policy.pick(clear, rules) == other  # channels_last at 2x, as on an AVX2 CPU
+    unsafe_rules = [policy.Timing(rules, None, "unsafe: non-finite loss"), policy.Timing(other, 50.0)]
+    assert policy.pick(unsafe_rules, rules) == other
+    assert policy.pick([policy.Timing(rules, None)], rules) is None
+    choice = policy.Choice(rules, close, cached=False, probe_s=1.0)
+    assert "the rules' choice, within 10% of the fastest" in choice.reason()
 
 
 def test_the_table_marks_the_choice_and_compares_with_fp32_nchw():

@@ -74,15 +74,7 @@ def _parser() -> Parser:
     report = sub.add_parser("report", help="one self-contained HTML report for one or more runs")
     report.add_argument("paths", metavar="RUN_DIR", nargs="+")
     report.add_argument("--out", metavar="FILE.html", help="default: RUN_DIR/report.html for one run, else report.html")
-    roof = sub.add_parser("roofline", help="Nsight Compute CSV -> kernels on a roofline (PNG) + summary CSV")
-    roof.add_argument("csv", metavar="FILE.csv", help="an `ncu --csv` export (details or raw page)")
-    roof.add_argument("--peak-compute", type=float, required=True, metavar="TFLOPS", help="peak TFLOP/s")
-    roof.add_argument("--peak-bw", type=float, required=True, metavar="GBPS", help="peak DRAM bandwidth, GB/s")
-    roof.add_argument("--label", help="device or experiment name for the title")
-    roof.add_argument("--out", metavar="FILE.png", default="roofline.png", help="plot (default roofline.png)")
-    roof.add_argument("--summary", metavar="FILE.csv", help="per-kernel summary CSV (default: beside the plot)")
-    roof.add_argument("--tensor-flops-per-inst", type=float, default=4096, metavar="N",
-                      help="FLOPs per tensor-pipe warp instruction (default 4096: a 16x8x16 MMA)")
+    _add_roofline(sub)
     _add_perf_commands(sub)
     sweep = sub.add_parser("sweep", help="Optuna hyperparameter sweep over a YAML search space")
     sweep.add_argument("spec", metavar="SPEC.yaml")
@@ -102,6 +94,29 @@ def _parser() -> Parser:
     show.add_argument("--per-class", type=int, default=8, help="samples per class (default 8)")
     show.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
     return root
+
+
+def _add_roofline(sub) -> None:
+    """`nnperf roofline`: a run's step (or one timed here) or an Nsight Compute export on a roof."""
+    roof = sub.add_parser("roofline", help="a run's training step (RUN_DIR, or --model timed here) or the kernels of "
+                                           "an Nsight Compute CSV on a roofline (PNG) + summary CSV")
+    roof.add_argument("source", metavar="FILE.csv|RUN_DIR", nargs="?",
+                      help="an `ncu --csv` export (details or raw page), or a run directory")
+    roof.add_argument("--model", help="without RUN_DIR: time this model's training step here and place it")
+    roof.add_argument("--batch-size", type=int, default=128, help="with --model: the batch (default 128)")
+    roof.add_argument("--dataset", default="cifar10", help="with --model: the input shape (default cifar10)")
+    roof.add_argument("--precision", choices=configs.PRECISIONS, help="with --model: default the device's best")
+    roof.add_argument("--device", default="auto", help="with --model: where to time it (default auto)")
+    roof.add_argument("--ncu", metavar="FILE.csv", help="with RUN_DIR or --model: also draw these Nsight kernels")
+    roof.add_argument("--peak-compute", type=float, metavar="TFLOPS",
+                      help="peak TFLOP/s (needed for a CSV; default for a step: nnperf peak's measurement)")
+    roof.add_argument("--peak-bw", type=float, metavar="GBPS",
+                      help="peak DRAM bandwidth, GB/s (needed for a CSV; default for a step: nnperf peak's)")
+    roof.add_argument("--label", help="device or experiment name for the title")
+    roof.add_argument("--out", metavar="FILE.png", help="plot (default roofline.png; RUN_DIR/plots/roofline.png)")
+    roof.add_argument("--summary", metavar="FILE.csv", help="per-kernel summary CSV (default: beside the plot)")
+    roof.add_argument("--tensor-flops-per-inst", type=float, default=4096, metavar="N",
+                      help="FLOPs per tensor-pipe warp instruction (default 4096: a 16x8x16 MMA)")
 
 
 def _add_perf_commands(sub) -> None:
@@ -208,10 +223,20 @@ def cmd_roofline(ns: argparse.Namespace) -> int:
     # Bounds far beyond any device, so that a typo (1e308, inf, nan) is one line, not a broken plot.
     for flag, value, high, unit in (("--peak-compute", ns.peak_compute, 1e6, "TFLOP/s"),
                                     ("--peak-bw", ns.peak_bw, 1e9, "GB/s")):
-        if not 0 < value <= high:  # also false for nan
+        if value is not None and not 0 < value <= high:  # also false for nan
             raise UsageError(f"{flag}: must be a positive number, at most {high:g} {unit}, got {value}")
     if not 0 <= ns.tensor_flops_per_inst <= 1e9:
         raise UsageError(f"--tensor-flops-per-inst: must be 0 to 1e+09 FLOPs, got {ns.tensor_flops_per_inst}")
+    if ns.model or (ns.source and Path(ns.source).is_dir()):
+        return _step_roofline(ns)
+    if not ns.source:
+        raise UsageError("roofline: give an `ncu --csv` export, a run directory, or --model M to time one here")
+    if not Path(ns.source).exists():
+        raise UsageError(f"{ns.source}: no such file or run directory")
+    if ns.peak_compute is None or ns.peak_bw is None:
+        raise UsageError(f"{ns.source}: an Nsight Compute export needs --peak-compute and --peak-bw (the device it "
+                         "was captured on; nnperf peak measures this one)")
+    ns.csv, ns.out = ns.source, ns.out or "roofline.png"
     inputs = [Path(ns.csv)]
     summary_path = ns.summary or str(Path(ns.out).with_suffix(".csv"))
     outputs.file_target("--out", ns.out, inputs, example="roofline.png")
@@ -230,6 +255,16 @@ def cmd_roofline(ns: argparse.Namespace) -> int:
           .to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"wrote {ns.out} and {summary_path}")
     return 0
+
+
+def _step_roofline(ns: argparse.Namespace) -> int:
+    if ns.model and ns.source:
+        raise UsageError(f"--model: give either a run directory ({ns.source}) or --model, not both")
+    if not 1 <= ns.batch_size <= 1 << 20:
+        raise UsageError(f"--batch-size {ns.batch_size}: must be between 1 and {1 << 20}")
+    from .perf import step_roofline
+
+    return step_roofline.run(ns)
 
 
 def cmd_sweep(ns: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ profile.py  one warmed-up step under NVTX ranges and torch.profiler (`nnperf pro
 peak.py     this device's measured peak FLOP/s and memory bandwidth, cached (`nnperf peak`)
 flops.py    FLOPs of a training step (FlopCounterMode) and MFU
 policy.py   precision x memory format chosen by timing the candidates (`--policy measured`)
+step_roofline.py  a run's training step (or one timed here) on the measured roof (`nnperf roofline`)
 cache.py    the per-device cache of measurements
 
 Imports go one way: peak, flops, policy and cache import nothing from nnperf.train (the training

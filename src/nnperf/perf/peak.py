@@ -71,13 +71,6 @@ def default_plan(dev: torch.device) -> Plan:
                 buffer_bytes=_gpu_buffer_bytes(dev, l2), llc_bytes=l2, repeats=7, block_s=0.05, call_cap_s=0.5)
 
 
-def quick_plan(dev: torch.device) -> Plan:
-    """Two matmul sizes and one convolution, short timings: peak_flops() when nothing is cached."""
-    full = default_plan(dev)
-    return replace(full, matmul_sizes=full.matmul_sizes[1:3] if dev.type == "cpu" else full.matmul_sizes[-3:-1],
-                   conv_shapes=full.conv_shapes[:1], repeats=3, block_s=0.04)
-
-
 def llc_bytes() -> int | None:
     """Total last-level CPU cache: the highest cache level's size times its instances (sysfs), else
     glibc's figure for L3; None where neither says."""
@@ -430,24 +423,25 @@ def cached_or_measure(dev: torch.device, dtypes: list[str], refresh: bool = Fals
 def is_cached(dev: torch.device, precision_name: str) -> bool:
     """Whether peak_flops(dev, precision_name) would read the cache rather than measure."""
     stored = cache.get(KIND, cache.device_key(dev))
-    return isinstance(stored, dict) and isinstance((stored.get("dtypes") or {}).get(precision_name), dict)
+    figures = (stored.get("dtypes") or {}).get(precision_name) if isinstance(stored, dict) else None
+    return isinstance(figures, dict) and not figures.get("quick")
 
 
 def peak_flops(dev: torch.device, precision_name: str) -> float | None:
     """The peak FLOP/s of `precision_name` (fp32, bf16, fp16) on `dev`, for MFU: the higher of the
     best matmul and the best 3x3 convolution (on CPUs oneDNN's convolutions can outrun its matmul,
-    and MFU above 1 would mislead). Cached, else measured quickly (a few seconds on a CPU) and cached
-    as a quick figure that a later `nnperf peak` replaces. None where the precision is not supported
-    here (or unknown)."""
+    and MFU above 1 would mislead). Cached, else this dtype measured as `nnperf peak` measures it
+    (seconds on a CPU) and cached. None where the precision is not supported here (or unknown)."""
     if precision_name not in DTYPES:
         return None
     key = cache.device_key(dev)
     stored = cache.get(KIND, key)
     stored = stored if isinstance(stored, dict) else {}
     figures = (stored.get("dtypes") or {}).get(precision_name)
-    if not isinstance(figures, dict):
-        figures = {**measure(dev, [precision_name], plan=quick_plan(dev), bandwidth=False)["dtypes"][precision_name],
-                   "quick": True}
+    if not isinstance(figures, dict) or figures.get("quick"):
+        # The full sweep of this one dtype (seconds on a CPU): a quick one read a bf16 peak under half
+        # the full figure here, and MFU above 100%.
+        figures = measure(dev, [precision_name], bandwidth=False)["dtypes"][precision_name]
         stored = {**stored, "dtypes": {**(stored.get("dtypes") or {}), precision_name: figures}}
         cache.put(KIND, key, stored)
     rates = [(figures.get("matmul") or {}).get("flop_per_s")]

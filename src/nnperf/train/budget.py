@@ -54,11 +54,32 @@ def fit_to_budget(run: Run, started: float, log: Callable[[str], None]) -> None:
                          "--batch-size or use a smaller model")
     cfg.epochs = epochs
     run.scheduler = make_schedule(cfg, run.optimizer, len(run.train) * epochs)
+    run.budget_clock = (started, time.monotonic())
     planned = spent + epochs * epoch_s + evaluations(epochs, cfg.eval_every) * eval_s
     log(f"--time-budget {format_s(cfg.time_budget)}: a training step takes {probe.step_s * 1000:.1f} ms here "
         f"({probe.steps} timed after {WARMUP_STEPS} warm-up), an epoch {format_s(epoch_s)} + {format_s(eval_s)} "
         f"evaluation; setting up took {format_s(spent)}; chose {epochs} epoch{'s' if epochs != 1 else ''} "
         f"(about {format_s(planned)} in all)")
+
+
+def keep_within(run: Run, log: Callable[[str], None]) -> None:
+    """After each epoch of a run whose epochs --time-budget chose: when the epochs so far (evaluation
+    and checkpoints included) say that the rest will not fit, fewer epochs, the schedule shortened to
+    match (a probe of a few steps can miss what a whole epoch costs on a busy machine)."""
+    if run.budget_clock is None or run.pos.epoch >= run.cfg.epochs or run.pos.step:
+        return
+    started, training = run.budget_clock
+    now, done = time.monotonic(), run.pos.epoch
+    per_epoch = (now - training) / done
+    left = run.cfg.time_budget * (1 - MARGIN) - (now - started)
+    fits = done + max(1, int(left // per_epoch))
+    if fits >= run.cfg.epochs:
+        return
+    log(f"--time-budget {format_s(run.cfg.time_budget)}: an epoch takes {format_s(per_epoch)} here, more than "
+        f"probed; {fits} epochs instead of {run.cfg.epochs}, the schedule shortened to match")
+    run.cfg.epochs = fits
+    for schedule in run.scheduler.lr_lambdas:
+        schedule.total = len(run.train) * fits
 
 
 def epochs_within(budget_s: float, spent_s: float, epoch_s: float, eval_s: float, eval_every: int) -> int:

@@ -96,7 +96,7 @@ def mfu_basis(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: Hardw
         log(f"warning: the peak FLOP/s of {hw.dev} could not be measured ({type(e).__name__}: {e}); no MFU")
     if peak_rate and measuring:
         log(f"measured this device's {hw.precision.name} peak for MFU: {peak_rate / 1e9:.1f} GFLOP/s in "
-            f"{time.perf_counter() - start:.1f}s (once: cached; `nnperf peak` measures it fully)")
+            f"{time.perf_counter() - start:.1f}s (once: cached; see nnperf peak)")
     return per_image, peak_rate
 
 
@@ -183,6 +183,7 @@ class Run:
     partial_val: dict | None = None  # the evaluation where --max-steps cut an epoch short
     flops_per_image: float | None = None  # of a training step, for MFU (counted once, at setup)
     peak_flops: float | None = None  # this device's measured peak FLOP/s in the run's precision
+    budget_clock: tuple[float, float] | None = None  # --time-budget: (command start, training start), monotonic
     sampler: telemetry.Sampler | None = None  # while training
     sinks: track.Sinks | None = None
     metrics: track.MetricsFile | None = None
@@ -214,9 +215,9 @@ def setup(cfg: TrainConfig, state: dict | None, log: Callable[[str], None]) -> R
         checkpoint.state_matches_model(state, model, cfg.resume)
     else:
         _init_from_data(model, splits.train, info, hw.dev)
+    _check_model_runs(cfg, model, info, hw)  # first: the probe below assumes a model that runs
     hw = choose_measured(cfg, hw, model, info, state)
     model = model.to(memory_format=torch.channels_last if hw.channels_last else torch.contiguous_format)
-    _check_model_runs(cfg, model, info, hw)
     run = _assemble(cfg, path, hw, info, model, splits, log)
     run.fresh = fresh
     run.flops_per_image, run.peak_flops = mfu_basis(cfg, model, info, hw, log)

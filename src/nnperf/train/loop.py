@@ -87,6 +87,7 @@ def _epochs(run: Run, log: Callable[[str], None], extra_sinks: list) -> None:
         while run.pos.epoch < run.cfg.epochs and not _steps_done(run):
             measured = _train_epoch(run, start)
             _end_epoch(run, measured)
+            budget.keep_within(run, log)
             start = EpochSums.zero(run.dev)
     finally:
         _close(run, log)
