@@ -445,6 +445,78 @@ def check_report(ctx: Ctx) -> str:
     return f"{out.stat().st_size / 1e6:.1f} MB, {html.count('<img')} images, {len(runs)} runs"
 
 
+def _perf_env(ctx: Ctx) -> dict:
+    """The performance lab's cache of peaks and policy choices, kept under OUT."""
+    return {"NNPERF_CACHE": str(ctx.out / "perf-cache")}
+
+
+def check_peak(ctx: Ctx) -> str:
+    out = ctx.out / "peak.json"
+    run_cmd(ctx, "peak", [*NNPERF, "peak", "--device", ctx.device, "--json", str(out), "--refresh"], timeout=600,
+            env=_perf_env(ctx))
+    result = json.loads(out.read_text())
+    rates = {d: (f.get("matmul") or {}).get("flop_per_s") for d, f in result["dtypes"].items()}
+    bw = result["bandwidth"].get("triad_bytes_per_s")
+    if not rates.get("fp32") or not bw:
+        raise Fail(f"no fp32 matmul or bandwidth figure: {rates}, {bw}")
+    shown = ", ".join(f"{d} {r / 1e12:.1f} TFLOP/s" for d, r in rates.items() if r)
+    spec = result.get("spec") or {}
+    return f"matmul {shown}; triad {bw / 1e9:.0f} GB/s" + (f"; datasheet {spec}" if spec else "")
+
+
+def check_bench(ctx: Ctx) -> str:
+    out = ctx.out / "bench"
+    batch = "16" if ctx.dry else "256"
+    run_cmd(ctx, "bench", [*NNPERF, "bench", "--model", "small_cifar,convnet3", "--conv-impl", "torch,handmade",
+                           "--batch-size", batch, "--device", ctx.device, "--min-time", "0.2" if ctx.dry else "1",
+                           "--modes", "eager,compile,trace,export" if not ctx.dry else "eager,trace,export",
+                           "--out", str(out)], timeout=1200)
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    bad = [f"{r['model']} {r['what']} {r['mode']}" for r in rows if r.get("check") == "MISMATCH"]
+    if bad:
+        raise Fail(f"outputs differ from eager: {bad}")
+    step = {r["mode"]: r for r in rows if r["model"] == "small_cifar" and r["what"] == "step" and r.get("images_per_s")}
+    if "eager" not in step:
+        raise Fail("no eager step timing for small_cifar")
+    return ", ".join(f"{m} {r['images_per_s']:,.0f} img/s" for m, r in step.items()) + " (small_cifar step)"
+
+
+def check_profile(ctx: Ctx) -> str:
+    args = [*ctx.small(), "--warmup-iters", "5", *ctx.common("profile")]
+    p = run_cmd(ctx, "profile", [*NNPERF, "profile", *args], timeout=600, env=_perf_env(ctx))
+    folder = ctx.runs / "profile" / "profile"
+    missing = [f for f in ("trace.json.gz", "key_averages.csv", "modules.csv") if not (folder / f).is_file()]
+    if missing:
+        raise Fail(f"missing {missing}")
+    if not ctx.dry and "nsys profile --capture-range=cudaProfilerApi" not in p.stdout:
+        raise Fail("no nsys command line printed")
+    top = next((line.strip() for line in p.stdout.splitlines() if line.startswith("  ") and " ms " in line), "?")
+    return f"trace and tables written; top op: {' '.join(top.split())[:90]}"
+
+
+def check_roofline_mfu(ctx: Ctx) -> str:
+    run = ctx.base_run or ctx.runs / "bf16"
+    rows = [r for r in metrics(run) if r.get("phase") == "train"]
+    mfu = [r.get("mfu") for r in rows if r.get("mfu") is not None]
+    if not mfu or not all(0 < m < 1 for m in mfu):
+        raise Fail(f"MFU per epoch missing or outside (0, 1): {mfu}")
+    policy = env_json(run).get("policy") or {}
+    out = ctx.out / "roofline.png"
+    p = run_cmd(ctx, "roofline", [*NNPERF, "roofline", str(run), "--out", str(out)], timeout=600, env=_perf_env(ctx))
+    line = next((x for x in p.stdout.splitlines() if "of the roof here" in x), "?")
+    return f"MFU {max(mfu):.1%}; policy chose {policy.get('chosen', 'rules (static)')}; {line[:120]}"
+
+
+def check_jit(ctx: Ctx) -> str:
+    figures = []
+    for mode in ("trace", "export", "compile"):
+        run = train(ctx, f"jit-{mode}", [*ctx.small(), "--jit", mode, "--no-telemetry"], timeout=900)
+        val = last(metrics(run), "val")
+        learned(ctx, val)
+        figures.append(f"{mode} {last(metrics(run), 'train')['images_per_s']:,.0f} img/s top1 {val['top1']:.3f}")
+    return "; ".join(figures)
+
+
 CHECKS = [
     ("devices", check_devices),
     ("fast recipe", check_fast),
@@ -459,6 +531,11 @@ CHECKS = [
     ("predict", check_predict),
     ("plot", check_plot),
     ("report", check_report),
+    ("peak", check_peak),
+    ("bench", check_bench),
+    ("profile", check_profile),
+    ("roofline+MFU+policy", check_roofline_mfu),
+    ("train --jit", check_jit),
 ]
 
 
