@@ -194,6 +194,8 @@ def test_cli_writes_csv_and_json_with_where_it_ran(run_cli, tmp_path):
     (["--min-time", "100000"], "at most 600 seconds"),
     (["--dataset", "imagefolder"], "--dataset: bench knows the shapes of"),
     (["--policy", "--batch-size", "0"], "--batch-size 0: must be between 1"),
+    (["--out", ""], "--out: must name a file or folder, not ''"),
+    (["--json", ""], "--json: must name a file or folder, not ''"),
 ])
 def test_bad_input_is_one_line(run_cli, flags, message):
     code, out, err = run_cli("bench", "--model", "convnet3", *flags)

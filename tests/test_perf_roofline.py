@@ -60,7 +60,9 @@ def test_bad_roofline_input_is_one_line(run_cli, tmp_path):
     (tmp_path / "empty").mkdir()
     for args, says in ((["empty"], "not an nnperf run directory"), (["nothing.csv"], "no such file"),
                        ([str(NCU)], "needs --peak-compute and --peak-bw"), ([], "give an `ncu --csv` export"),
-                       (["empty", "--model", "fast"], "not both")):
+                       (["empty", "--model", "fast"], "not both"),
+                       (["--model", "convnet3", "--out", "."], "--out .: is a folder"),
+                       (["--model", "convnet3", "--out", ""], "--out: must name a file or folder")):
         code, out, err = run_cli("roofline", *args)
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, (args, err)
 

@@ -238,8 +238,8 @@ def cmd_roofline(ns: argparse.Namespace) -> int:
                          "was captured on; nnperf peak measures this one)")
     ns.csv, ns.out = ns.source, ns.out or "roofline.png"
     inputs = [Path(ns.csv)]
-    summary_path = ns.summary or str(Path(ns.out).with_suffix(".csv"))
     outputs.file_target("--out", ns.out, inputs, example="roofline.png")
+    summary_path = ns.summary or str(Path(ns.out).with_suffix(".csv"))
     outputs.file_target("--summary" if ns.summary else "--summary (by default beside --out)", summary_path, inputs,
                         example="roofline.csv")
     if Path(summary_path).resolve() == Path(ns.out).resolve():
@@ -335,13 +335,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if given.get("dataset") == "help":
         print("datasets: " + ", ".join(data.names()))
         return 0
-    preset = configs.load_yaml(ns.config) if ns.config else {}
-    resume = given.get("resume") or preset.get("resume")
-    if resume:
-        state = checkpoint.load(resume)
-        cfg = checkpoint.resume_config(state, preset, given, resume)
-    else:
-        state, cfg = None, configs.build(preset, given)
+    cfg, state = checkpoint.config_and_state(given, ns.config)
     result = fit(cfg, state)
     if cfg.report:
         from .analysis.report import write_report
@@ -462,10 +456,21 @@ def _preload(command: str) -> bool:
     return bool(arrived)
 
 
+# Flags that name an output or input file: an empty value would silently mean the default.
+_PATH_FLAGS = ("out", "json", "summary", "csv", "ncu")
+
+
+def _refuse_empty_paths(ns: argparse.Namespace) -> None:
+    for name in _PATH_FLAGS:
+        if getattr(ns, name, None) == "":
+            raise UsageError(f"--{name}: must name a file or folder, not ''")
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     ns.argv = list(argv) if argv is not None else sys.argv[1:]  # the command as given (nnperf profile reprints it)
     try:
+        _refuse_empty_paths(ns)
         if _preload(ns.command):
             raise KeyboardInterrupt
         return COMMANDS[ns.command](ns)

@@ -38,9 +38,9 @@ from torch.profiler import ProfilerActivity
 
 from .. import config as configs
 from .. import device as devices
-from .. import envinfo, fileio
+from .. import fileio
 from ..errors import EnvError, UsageError
-from ..train import build, checkpoint, rundir
+from ..train import build, checkpoint, loop, rundir
 from ..train.build import Run
 
 # Modules this deep in the model (`layer1` is 1, `layer1.0` is 2) get a range of their own in the
@@ -93,15 +93,10 @@ def _check_counts(ns: argparse.Namespace) -> tuple[int, int]:
 def _config(ns: argparse.Namespace) -> tuple[configs.TrainConfig, dict | None, dict]:
     """The config `nnperf train` would run with these flags (and the checkpoint of --resume)."""
     given = {f.name: getattr(ns, f.name) for f in configs.fields() if hasattr(ns, f.name)}
-    preset = configs.load_yaml(ns.config) if ns.config else {}
-    resume = given.get("resume") or preset.get("resume")
-    if resume:
-        state = checkpoint.load(resume)
-        return checkpoint.resume_config(state, preset, given, resume), state, given
-    cfg = configs.build(preset, given)
+    cfg, state = checkpoint.config_and_state(given, ns.config)
     if cfg.name is None:
         cfg.name = rundir.default_name(cfg)
-    return cfg, None, given
+    return cfg, state, given
 
 
 def _check_target(cfg: configs.TrainConfig, state: dict | None) -> bool:
@@ -127,9 +122,7 @@ def _profile_only(path: Path) -> bool:
 
 def _write_start_files(r: Run) -> None:
     """config.yaml and env.json of a new run directory: the profile's settings, so it reruns."""
-    env = envinfo.collect(r.dev, r.hw.precision, r.hw.channels_last)
-    env.update(channels_last_reason=r.hw.layout_reason, data=r.info.to_dict(), profile_only=True)
-    rundir.write_start_files(r.dir, r.cfg, env)
+    rundir.write_start_files(r.dir, r.cfg, {**loop.start_env(r), "profile_only": True})
 
 
 # ---- the steps before the capture -----------------------------------------------------------------

@@ -121,12 +121,12 @@ def roof(dev: torch.device, precision: str, peak_compute: float | None, peak_bw:
 def run(ns) -> int:
     """`nnperf roofline RUN_DIR | --model M`: the step's point, its table, and the chart."""
     run_dir = Path(ns.source) if ns.source else None
-    step = from_run(run_dir) if run_dir else timed_here(ns.model, ns.dataset, ns.batch_size, ns.precision, ns.device)
     out = Path(ns.out or (run_dir / "plots" / "roofline.png" if run_dir else "roofline.png"))
-    summary_path = Path(ns.summary or out.with_suffix(".csv"))
     inputs = [run_dir / "metrics.jsonl"] if run_dir else []
     outputs.file_target("--out", out, inputs, example="roofline.png")
+    summary_path = Path(ns.summary or out.with_suffix(".csv"))
     outputs.file_target("--summary", summary_path, inputs, example="roofline.csv")
+    step = from_run(run_dir) if run_dir else timed_here(ns.model, ns.dataset, ns.batch_size, ns.precision, ns.device)
     dev = devices.resolve(ns.device if not run_dir else "auto")
     peak_flops, peak_bw, basis = roof(dev, step.precision, ns.peak_compute, ns.peak_bw)
     kernels = [step.kernel()] + (roofline.kernels(ns.ncu, ns.tensor_flops_per_inst) if ns.ncu else [])

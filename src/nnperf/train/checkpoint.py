@@ -127,6 +127,17 @@ def config_of(state: dict, path: str, flag: str) -> dict:
     return saved
 
 
+def config_and_state(given: dict, preset_path: str | None) -> tuple[configs.TrainConfig, dict | None]:
+    """The config `nnperf train` runs with these flags (given) on top of a --config preset, and the
+    loaded checkpoint when the flags or the preset say --resume (else None)."""
+    preset = configs.load_yaml(preset_path) if preset_path else {}
+    resume = given.get("resume") or preset.get("resume")
+    if resume:
+        state = load(resume)
+        return resume_config(state, preset, given, resume), state
+    return configs.build(preset, given), None
+
+
 def resume_config(state: dict, preset: dict, overrides: dict, path: str) -> configs.TrainConfig:
     """The checkpoint's config with the user's explicit settings on top; the model and dataset must
     stay those the checkpoint was trained with. A checkpoint in RUN/checkpoints/ continues RUN

@@ -65,11 +65,17 @@ def _fit_to_budget(run: Run, state: dict | None, started: float, log: Callable[[
     budget.fit_to_budget(run, started, log)
 
 
-def _start(run: Run, state: dict | None, log: Callable[[str], None]) -> None:
+def start_env(run: Run) -> dict:
+    """env.json of a run as it starts: versions and device, how it computes and why, its data."""
     env = envinfo.collect(run.dev, run.hw.precision, run.hw.channels_last)
     env.update(channels_last_reason=run.hw.layout_reason, data=run.info.to_dict(), data_wait_s=measured_by(run.dev))
     if run.hw.policy is not None:
         env["policy"] = run.hw.policy
+    return env
+
+
+def _start(run: Run, state: dict | None, log: Callable[[str], None]) -> None:
+    env = start_env(run)
     if state is not None:
         env["resumed_at"] = {"epoch": run.pos.epoch, "step": run.pos.step, "global_step": run.pos.global_step}
     rundir.write_start_files(run.dir, run.cfg, env)
