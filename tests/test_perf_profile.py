@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from nnperf.perf import profile
+from nnperf import models
+from nnperf.perf import flops, profile
 from nnperf.train.step import TrainStep
 
 from conftest import TINY
@@ -74,7 +75,12 @@ def test_profile_captures_step_n_plus_k_across_epochs_and_writes_the_tables(run_
         modules = {r["module"]: r for r in csv.DictReader(f)}
     assert {"features", "head"} <= set(modules)
     assert float(modules["features"]["forward_cpu_us"]) > 0 and float(modules["features"]["backward_cpu_us"]) > 0
-    assert float(modules["head"]["forward_flops"]) > 0  # the Linear's matmul
+    # FLOPs per module are FlopCounterMode's, backward included (torch.profiler counts no FLOPs for
+    # convolution_backward and counts an autocast convolution twice).
+    counted = flops.step_flops(models.build("small_cifar", 3, 10, 16, width=8), (32, 3, 16, 16), 10).by_module
+    for name in ("features", "head"):
+        assert int(modules[name]["forward_flops"]) == counted[name]["forward"] > 0
+        assert int(modules[name]["backward_flops"]) == counted[name]["backward"] > 0
     assert json.loads((folder / "profile.json").read_text())["captured"]["global_step"] == 8
     # A run directory of its own that reruns the profile, with no training in it.
     assert Path("runs/p/config.yaml").is_file() and not Path("runs/p/metrics.jsonl").exists()

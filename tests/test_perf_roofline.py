@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 from pathlib import Path
@@ -33,12 +34,14 @@ def test_a_run_s_step_is_placed_with_its_flops_bytes_and_measured_time(run_cli, 
     step = table.iloc[0]
     model = models.build("small_cifar", 3, 10, 16, width=8)
     assert step["flops"] == pytest.approx(flops.step_flops(model, (32, 3, 16, 16), 10).total, rel=1e-5)
-    assert step["dram_bytes"] == pytest.approx(flops.bytes_per_step(model, "nesterov", 32, image_shape=(3, 16, 16))
-                                               .total_bytes, rel=1e-5)
+    half = json.loads((trained / "env.json").read_text())["precision"] in ("bf16", "fp16")  # 16-bit activations
+    assert step["dram_bytes"] == pytest.approx(flops.bytes_per_step(
+        model, "nesterov", 32, image_shape=(3, 16, 16), activation_element_bytes=2 if half else 4).total_bytes, rel=1e-5)
     rates = [json.loads(line)["images_per_s"] for line in (trained / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["phase"] == "train"]
     assert step["seconds"] == pytest.approx(32 / statistics.median(rates), rel=1e-5)  # the CSV keeps 6 digits
     assert "of the roof here" in out and "--peak-compute and --peak-bw" in out
+    assert f"run `nnperf profile --resume {trained / 'checkpoints' / 'last.pt'}` for per-module points" in out
 
 
 def test_the_roof_defaults_to_nnperf_peak_s_measurement(run_cli, trained, monkeypatch):
@@ -71,3 +74,49 @@ def test_a_run_without_training_epochs_says_so(run_cli, trained):
     (trained / "metrics.jsonl").write_text('{"phase": "val", "epoch": 1}\n')
     code, out, err = run_cli("roofline", trained, "--peak-compute", "1", "--peak-bw", "50")
     assert code == 2 and "no training epoch with images/s" in err
+
+
+def test_a_profiled_run_gets_a_point_per_module_with_the_profile_s_times(run_cli, trained):
+    code, out, err = run_cli("profile", "--resume", trained / "checkpoints" / "last.pt", "--epochs", "3",
+                             "--warmup-iters", "0")
+    assert code == 0, err
+    with open(trained / "profile" / "modules.csv") as f:
+        profiled = {r["module"]: r for r in csv.DictReader(f) if r["depth"] == "0"}
+    assert set(profiled) == {"features", "head"}  # small_cifar's children
+    code, out, err = run_cli("roofline", trained, "--peak-compute", "1", "--peak-bw", "50")
+    assert code == 0, err
+    table = pd.read_csv(trained / "plots" / "roofline.csv").set_index("id")
+    assert list(table.index) == ["step", "module:features", "module:head"]
+    assert table.loc["module:head", "kernel"] == "head (Linear)"
+    model = models.build("small_cifar", 3, 10, 16, width=8)
+    counted = flops.step_flops(model, (32, 3, 16, 16), 10).by_module
+    element = 2 if json.loads((trained / "env.json").read_text())["precision"] in ("bf16", "fp16") else 4
+    traffic = flops.module_bytes_per_step(model, "nesterov", 32, (3, 16, 16), element)
+    for name, row in profiled.items():
+        point = table.loc[f"module:{name}"]
+        device = "forward_device_us" in row and float(row["forward_device_us"]) + float(row["backward_device_us"])
+        us = device or float(row["forward_cpu_us"]) + float(row["backward_cpu_us"])
+        assert point["seconds"] == pytest.approx(us / 1e6, rel=1e-5)
+        assert point["flops"] == pytest.approx(counted[name]["forward"] + counted[name]["backward"], rel=1e-5)
+        assert point["dram_bytes"] == pytest.approx(traffic[name], rel=1e-5)
+    # Every leaf of small_cifar is in a child: the children's bytes add up to the step's.
+    assert sum(traffic.values()) == flops.bytes_per_step(model, "nesterov", 32, image_shape=(3, 16, 16),
+                                                         activation_element_bytes=element).total_bytes
+    assert f"2 module points from {trained / 'profile' / 'modules.csv'} (times of the profiled step, batch 32, " \
+           "under torch.profiler" in out
+
+
+BAD_MODULES_CSV = ["module\n",  # what a --compile profile writes
+                   "module,type,depth,forward_cpu_us,backward_cpu_us\nhead,Linear,x,1,1\n",
+                   "module,type,depth,forward_cpu_us,backward_cpu_us\nhead,Linear\n", "\x00\xff\xfe"]
+
+
+def test_an_unreadable_modules_csv_is_skipped_with_one_line(run_cli, trained):
+    (trained / "profile").mkdir()
+    for text in BAD_MODULES_CSV:
+        (trained / "profile" / "modules.csv").write_bytes(text.encode("latin-1"))
+        code, out, err = run_cli("roofline", trained, "--peak-compute", "1", "--peak-bw", "50")
+        assert code == 0, err
+        assert list(pd.read_csv(trained / "plots" / "roofline.csv")["id"]) == ["step"]
+        skipped = [line for line in out.splitlines() if "modules.csv: skipped (" in line]
+        assert len(skipped) == 1 and skipped[0].endswith("; only the whole step is placed"), out

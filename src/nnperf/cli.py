@@ -139,7 +139,8 @@ def _add_perf_commands(sub) -> None:
     bench.add_argument("--width", type=int, help="base channel count of the models (default: each model's own)")
     bench.add_argument("--image-size", type=int, help="image side instead of the dataset's (default: the dataset's)")
     bench.add_argument("--min-time", type=float, default=1.0, metavar="S",
-                       help="seconds of timing per measurement at least (default 1)")
+                       help="seconds of timing per measurement at least (default 1); timing goes on, up to 5x "
+                            "that, until the IQR is under 5%% of the median")
     bench.add_argument("--out", metavar="DIR", help="table as CSV + JSON here (default bench/<models>)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     bench.add_argument("--policy", action="store_true",

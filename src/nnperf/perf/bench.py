@@ -39,7 +39,11 @@ DATASET_SHAPES = {"cifar10": (3, 32, 32, 10), "cifar100": (3, 32, 32, 100), "mni
 MAX_MIN_TIME_S = 600.0  # per measurement; beyond it a bench of all modes runs for hours
 MAX_BATCH = 1 << 20
 MIN_RUNS = 5  # timed calls at least, whatever --min-time, so that the IQR means something
-WARMUP_SHARE = 0.25  # of --min-time, spent on untimed calls before each measurement
+WARMUP_SHARE = 0.25  # of --min-time, spent on untimed calls before each measurement at least
+WARMUP_CAP = 2.0  # x --min-time: warm-up stops here even if the calls have not settled
+SETTLED = 1.15  # the last three warm-up calls within 15% of each other: the kernels are built
+IQR_TARGET = 0.05  # timing stops once IQR/median is under it...
+MAX_TIME_FACTOR = 5.0  # ...or after this many times --min-time
 # uint8 values uniform on 0..255, scaled to [0, 1]: mean 0.5, standard deviation about 0.289.
 UNIFORM_MEAN, UNIFORM_STD = 0.5, 0.2887
 CSV_NAME, JSON_NAME = "bench.csv", "bench.json"
@@ -259,19 +263,27 @@ def _random_as_eager(mode: str):
 
 
 def warm_up(call: Callable[[], object], dev: torch.device, min_time_s: float, calls: int = 3) -> None:
-    """Calls before timing: the first ones after a new graph or shape build kernels (oneDNN, cuDNN
-    autotuning, TorchScript's profiling runs) and fill the optimizer's state, and are slower."""
+    """Calls before timing, until the last three take about the same time: the first ones after a
+    new graph or shape build kernels (oneDNN, cuDNN autotuning, TorchScript's profiling runs), fill
+    the optimizer's state and, first in a process, wake the thread pool; they are slower, and the
+    first measurement of a process once read 5x the second with a 58% spread."""
     start = time.perf_counter()
-    done = 0
-    while done < calls or time.perf_counter() - start < WARMUP_SHARE * min_time_s:
+    times: list[float] = []
+    while time.perf_counter() - start < WARMUP_CAP * min_time_s or len(times) < calls:
+        t = time.perf_counter()
         call()
         devices.sync(dev)
-        done += 1
+        times.append(time.perf_counter() - t)
+        spent = time.perf_counter() - start
+        last = times[-3:]
+        if len(times) >= calls and spent >= WARMUP_SHARE * min_time_s and max(last) <= SETTLED * min(last):
+            return
 
 
 def measure(call: Callable[[], object], dev: torch.device, min_time_s: float):
-    """torch.utils.benchmark's blocked_autorange on all the threads training uses, each call
-    followed by a device sync so that the time is the work's, not its queueing."""
+    """torch.utils.benchmark's adaptive_autorange on all the threads training uses: blocks of calls
+    until the IQR is under 5% of the median (or 5x --min-time has passed), each call followed by a
+    device sync so that the time is the work's, not its queueing."""
     def timed():
         call()
         devices.sync(dev)
@@ -280,8 +292,9 @@ def measure(call: Callable[[], object], dev: torch.device, min_time_s: float):
     from torch.utils import benchmark
 
     timer = benchmark.Timer(stmt="timed()", globals={"timed": timed}, num_threads=torch.get_num_threads())
-    runs = [timer.blocked_autorange(min_run_time=min_time_s)]
-    # A call slower than --min-time gives one time and no spread: a few more, one call each.
+    runs = [timer.adaptive_autorange(threshold=IQR_TARGET, min_run_time=min_time_s,
+                                     max_run_time=MAX_TIME_FACTOR * min_time_s)]
+    # A call slower than the time allowed gives too few times for a spread: a few more, one call each.
     while sum(len(m.times) for m in runs) < MIN_RUNS:
         runs.append(timer.timeit(number=1))
     return benchmark.Measurement.merge(runs)[0] if len(runs) > 1 else runs[0]

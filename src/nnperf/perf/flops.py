@@ -155,24 +155,37 @@ def mfu(flops_per_image: float | None, images_per_s: float | None, peak_flops: f
 def activation_elements_per_image(model: nn.Module, image_shape: tuple[int, ...], batch: int = 2) -> float:
     """Elements of the outputs of the model's leaf modules per image (on meta stand-ins): the
     activations a training step writes, and keeps for the backward pass."""
+    return sum(leaf_output_elements(model, image_shape, batch).values())
+
+
+def leaf_output_elements(model: nn.Module, image_shape: tuple[int, ...], batch: int = 2) -> dict[str, float]:
+    """Elements of each leaf module's outputs per image, by module path: on meta stand-ins, or on a
+    CPU copy (same paths) where the forward does not run on meta."""
     model = _unwrap(model)
-    total = [0]
-
-    def add(_module, _inputs, output) -> None:
-        for t in output if isinstance(output, (tuple, list)) else (output,):
-            if isinstance(t, torch.Tensor):
-                total[0] += t.numel()
-
     shape = (batch, *image_shape)
     try:
-        _run_hooked(model, add, lambda: functional_call(model, _meta_state(model),
-                                                        (torch.empty(shape, device="meta"),)))
+        totals = _hooked_outputs(model, lambda: functional_call(model, _meta_state(model),
+                                                                (torch.empty(shape, device="meta"),)))
     except (RuntimeError, NotImplementedError, TypeError):
-        total[0] = 0
         clone = copy.deepcopy(model).to("cpu")
         with torch.random.fork_rng(devices=[]):
-            _run_hooked(clone, add, lambda: clone(torch.zeros(shape)))
-    return total[0] / batch
+            totals = _hooked_outputs(clone, lambda: clone(torch.zeros(shape)))
+    return {path: n / batch for path, n in totals.items()}
+
+
+def _hooked_outputs(model: nn.Module, forward) -> dict[str, int]:
+    """Output elements of each leaf module of `model` while `forward()` runs (a leaf called twice
+    counts twice: it writes twice)."""
+    paths = {id(m): path for path, m in model.named_modules()}
+    totals: dict[str, int] = {}
+
+    def add(module, _inputs, output) -> None:
+        n = sum(t.numel() for t in (output if isinstance(output, (tuple, list)) else (output,))
+                if isinstance(t, torch.Tensor))
+        totals[paths[id(module)]] = totals.get(paths[id(module)], 0) + n
+
+    _run_hooked(model, add, forward)
+    return totals
 
 
 def _run_hooked(model: nn.Module, hook, forward) -> None:
@@ -230,7 +243,7 @@ def bytes_per_step(model: nn.Module, optimizer: str | int, batch: int,
 
     In-place layers (ReLU(inplace=True)) are counted as if they wrote a new tensor, and fused
     kernels move less: treat the figure as an upper estimate of the traffic."""
-    weight = sum(p.numel() * p.element_size() for p in _unwrap(model).parameters() if p.requires_grad)
+    weight = _weight_bytes(_unwrap(model))
     if activation_elements is None:
         if image_shape is None:
             raise ValueError("bytes_per_step needs activation_elements or image_shape")
@@ -238,3 +251,25 @@ def bytes_per_step(model: nn.Module, optimizer: str | int, batch: int,
     activations = int(activation_elements * batch * activation_element_bytes)
     return StepBytes(param_bytes=4 * weight, grad_bytes=2 * weight,
                      state_bytes=2 * optimizer_states(optimizer) * weight, activation_bytes=5 * activations)
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    """Bytes of the trainable parameters (a frozen one has no gradient or optimizer state to move)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+
+
+def module_bytes_per_step(model: nn.Module, optimizer: str | int, batch: int, image_shape: tuple[int, ...],
+                          activation_element_bytes: int = 4) -> dict[str, int]:
+    """bytes_per_step's estimate for each of the model's direct children, by name: the child's own
+    weights, gradients and optimizer state, and the outputs of the leaf modules inside it (and their
+    gradients) at `batch`. Traffic of the root module's own ops and parameters is in no child."""
+    model = _unwrap(model)
+    leaves = leaf_output_elements(model, image_shape)
+    states = optimizer_states(optimizer)
+    out = {}
+    for name, child in model.named_children():
+        elements = sum(n for path, n in leaves.items() if path == name or path.startswith(name + "."))
+        weight = _weight_bytes(child)
+        # As in bytes_per_step: weights 4 W, gradients 2 W, state 2 k W, activations 5 A.
+        out[name] = (6 + 2 * states) * weight + 5 * int(elements * batch * activation_element_bytes)
+    return out

@@ -42,6 +42,7 @@ from .. import fileio
 from ..errors import EnvError, UsageError
 from ..train import build, checkpoint, loop, rundir
 from ..train.build import Run
+from . import flops
 
 # Modules this deep in the model (`layer1` is 1, `layer1.0` is 2) get a range of their own in the
 # per-module table; deeper ones count towards their ancestor.
@@ -366,8 +367,14 @@ def op_rows(prof, activities: list) -> list[dict]:
     return rows
 
 
-def _subtree_flops(event) -> int:
-    return (event.flops or 0) + sum(_subtree_flops(c) for c in event.cpu_children)
+def module_flops(r: Run) -> dict[str, dict[str, int]]:
+    """FLOPs per module path of one step at the run's batch, forward and backward, from FlopCounterMode:
+    torch.profiler counts no FLOPs for convolution_backward and, under autocast, counts a convolution
+    twice (the autocast op and the one it calls); an empty dict where the model cannot be counted."""
+    try:
+        return flops.step_flops(r.model, (r.cfg.batch_size, *r.info.shape), r.info.num_classes).by_module
+    except Exception:  # noqa: BLE001 - the table keeps its times without FLOPs
+        return {}
 
 
 def _innermost_module(event) -> str | None:
@@ -377,13 +384,15 @@ def _innermost_module(event) -> str | None:
     return parent.name[len(MODULE_RANGE):] if parent is not None else None
 
 
-def module_rows(prof, modules: ModuleRanges, activities: list) -> list[dict]:
+def module_rows(prof, modules: ModuleRanges, activities: list, counted: dict[str, dict[str, int]]) -> list[dict]:
     """Per module (in model order, with its descendants): forward and backward CPU time, device
-    time and FLOPs. Forward is the module's own range; backward is found through the autograd
+    time, and FLOPs (`counted`, by module path). Forward is the module's own range; backward is found through the autograd
     sequence number that each forward op shares with its backward node (the node's time goes to
     the innermost module whose forward made it, then up to its ancestors)."""
-    forward = {name: {"calls": 0, "cpu": 0.0, "device": 0.0, "flops": 0} for name in modules.types}
-    backward = {name: {"cpu": 0.0, "device": 0.0, "flops": 0} for name in modules.types}
+    forward = {name: {"calls": 0, "cpu": 0.0, "device": 0.0, "flops": counted.get(name, {}).get("forward", 0)}
+               for name in modules.types}
+    backward = {name: {"cpu": 0.0, "device": 0.0, "flops": counted.get(name, {}).get("backward", 0)}
+                for name in modules.types}
     made_by: dict[int, str] = {}  # autograd sequence number -> innermost module of the op that made the node
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     for e in events:
@@ -404,7 +413,6 @@ def module_rows(prof, modules: ModuleRanges, activities: list) -> list[dict]:
 def _add(totals: dict, event, calls: int = 0) -> None:
     totals["cpu"] += event.cpu_time_total
     totals["device"] += event.device_time_total
-    totals["flops"] += _subtree_flops(event)
     if calls:
         totals["calls"] += calls
 
@@ -458,7 +466,7 @@ def write_outputs(r: Run, prof, modules: ModuleRanges | None, activities: list, 
         fileio.write_text(folder / "modules.txt", note)
         fileio.write_text(folder / "modules.csv", "module\n")
     else:
-        rows = module_rows(prof, modules, activities)
+        rows = module_rows(prof, modules, activities, module_flops(r))
         fileio.write_text(folder / "modules.txt", modules_text(rows, device))
         fileio.write_text(folder / "modules.csv", csv_text(rows))
     fileio.write_json(folder / "profile.json", {

@@ -8,11 +8,18 @@ over its training epochs) or, without a run, from timing nnperf's eager training
 is `nnperf peak`'s measured FLOP/s for the run's precision and its measured bandwidth (cached per
 device; measured now if absent), unless --peak-compute/--peak-bw give it. Kernels of an Nsight
 Compute export (--ncu) can be drawn on the same chart.
+
+With RUN_DIR, a run that `nnperf profile --resume` profiled also gets one point per direct child of
+the model: its forward and backward time in RUN/profile/modules.csv (device time where the profile
+traced the device, else CPU time; under torch.profiler, so slower than unprofiled), its FLOPs from
+FlopCounterMode and its bytes from perf/flops.module_bytes_per_step, as for the step.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +50,19 @@ class Step:
     images_per_s: float
     where: str  # where images/s came from
 
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes per activation element: autocast keeps the convolutions' outputs in 16 bits."""
+        return 2 if self.precision in ("bf16", "fp16") else 4
+
+    def build(self):
+        return models.build(self.model, self.shape[0], self.classes, min(self.shape[1:]), self.width, self.conv_impl)
+
     def kernel(self) -> roofline.Kernel:
-        model = models.build(self.model, self.shape[0], self.classes, min(self.shape[1:]), self.width, self.conv_impl)
+        model = self.build()
         count = flops.step_flops(model, (self.batch, *self.shape), self.classes)
-        traffic = flops.bytes_per_step(model, self.optimizer, self.batch, image_shape=self.shape)
+        traffic = flops.bytes_per_step(model, self.optimizer, self.batch, image_shape=self.shape,
+                                       activation_element_bytes=self.activation_bytes)
         name = f"{self.model} training step, batch {self.batch}, {self.precision}"
         return roofline.Kernel("step", name, count.forward + count.backward, traffic.total_bytes,
                                self.batch / self.images_per_s)
@@ -84,6 +100,65 @@ def _train_rates(path: Path) -> list[float]:
         if isinstance(value, (int, float)) and value > 0:
             rates.append(float(value))
     return rates
+
+
+PROFILE_TIMES = ("forward_device_us", "backward_device_us", "forward_cpu_us", "backward_cpu_us")
+
+
+def module_kernels(run_dir: Path, step: Step) -> tuple[list[roofline.Kernel], str | None]:
+    """(one point per direct child of the model, timed by `nnperf profile` in RUN/profile/modules.csv;
+    the line to print about them, or about why there are none)."""
+    path, last = run_dir / "profile" / "modules.csv", run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():
+        return [], f"run `nnperf profile --resume {last}` for per-module points" if last.is_file() else None
+    try:
+        times = profiled_seconds(path)
+    except (OSError, ValueError, csv.Error) as e:
+        return [], f"{path}: skipped ({' '.join(str(e).split())}); only the whole step is placed"
+    batch = _profiled_batch(run_dir / "profile" / "profile.json", step.batch)
+    model = step.build()
+    # FLOPs from FlopCounterMode, as for the step's point: torch.profiler's counts leave out the
+    # convolutions' backward and count a convolution twice under autocast.
+    counted = flops.step_flops(model, (batch, *step.shape), step.classes).by_module
+    traffic = flops.module_bytes_per_step(model, step.optimizer, batch, step.shape, step.activation_bytes)
+    kernels = []
+    for name, (kind, seconds) in times.items():
+        count = sum(counted.get(name, {}).values())
+        if name in traffic and count > 0 and 0 < seconds < math.inf:  # a module of another model: not placed
+            kernels.append(roofline.Kernel(f"module:{name}", f"{name} ({kind})", count, traffic[name], seconds))
+    return kernels, (f"{len(kernels)} module points from {path} (times of the profiled step, batch {batch}, "
+                     "under torch.profiler: slower than an unprofiled step)")
+
+
+def profiled_seconds(path: Path) -> dict[str, tuple[str, float]]:
+    """{module: (type, seconds of its forward and backward)} for the model's direct children in
+    `nnperf profile`'s modules.csv: device time where the profile traced the device, else CPU time."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError("no per-module rows (a --compile profile has none)")
+    missing = [c for c in ("module", "type", "depth", "forward_cpu_us", "backward_cpu_us") if c not in rows[0]]
+    if missing:
+        raise ValueError(f"no column {', '.join(missing)}")
+    out = {}
+    for n, r in enumerate(rows, start=1):
+        if None in r.values():
+            raise ValueError(f"row {n} has fewer columns than the header")
+        if not r["module"] or int(r["depth"]) != 0:
+            continue  # the whole model, or a module inside a child
+        us = [float(r[c]) if r.get(c) not in (None, "") else 0.0 for c in PROFILE_TIMES]
+        device, cpu = us[0] + us[1], us[2] + us[3]
+        out[r["module"]] = (r["type"], (device if device > 0 else cpu) / 1e6)
+    return out
+
+
+def _profiled_batch(path: Path, default: int) -> int:
+    """The batch the profile captured (profile.json), which --resume may have changed."""
+    try:
+        batch = json.loads(path.read_text(encoding="utf-8")).get("batch_size")
+    except (OSError, ValueError, AttributeError):
+        return default
+    return batch if isinstance(batch, int) and batch > 0 else default
 
 
 def timed_here(model: str, dataset: str, batch: int, precision: str | None, device: str) -> Step:
@@ -129,7 +204,8 @@ def run(ns) -> int:
     step = from_run(run_dir) if run_dir else timed_here(ns.model, ns.dataset, ns.batch_size, ns.precision, ns.device)
     dev = devices.resolve(ns.device if not run_dir else "auto")
     peak_flops, peak_bw, basis = roof(dev, step.precision, ns.peak_compute, ns.peak_bw)
-    kernels = [step.kernel()] + (roofline.kernels(ns.ncu, ns.tensor_flops_per_inst) if ns.ncu else [])
+    modules, about_modules = module_kernels(run_dir, step) if run_dir else ([], None)
+    kernels = [step.kernel()] + modules + (roofline.kernels(ns.ncu, ns.tensor_flops_per_inst) if ns.ncu else [])
     table = roofline.summary(kernels, peak_flops, peak_bw)
     outputs.write_with(summary_path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
     roofline.plot(kernels, peak_flops, peak_bw, out, ns.label or f"{step.model} on {devices.device_name(dev)}")
@@ -139,5 +215,7 @@ def run(ns) -> int:
     print(f"intensity {k.intensity:.1f} FLOP/byte, {k.flops_per_s / 1e9:.1f} GFLOP/s achieved: "
           f"{table.iloc[0]['share_of_ceiling']:.0%} of the roof here ({table.iloc[0]['bound']}-bound; roof "
           f"{peak_flops / 1e9:.0f} GFLOP/s and {peak_bw / 1e9:.1f} GB/s from {basis})")
+    if about_modules:
+        print(about_modules)
     print(f"wrote {out} and {summary_path}")
     return 0
