@@ -93,10 +93,10 @@ def check(name: str, rounds: int, out: Path, precision: str, channels_last: bool
     got: dict[str, list[float]] = {"loop": [], "loop, no MFU": [], "bench": []}
     mfus = []
     for r in range(rounds):
-        rate, mfu = loop_rate(name, batch, steps, precision, layout, out, mfu=True)
-        got["loop"].append(rate)
-        mfus += [mfu] if mfu is not None else []
-        got["loop, no MFU"].append(loop_rate(name, batch, steps, precision, layout, out, mfu=False)[0])
+        for with_mfu in (True, False) if r % 2 == 0 else (False, True):  # neither always runs first
+            rate, mfu = loop_rate(name, batch, steps, precision, layout, out, mfu=with_mfu)
+            got["loop" if with_mfu else "loop, no MFU"].append(rate)
+            mfus += [mfu] if mfu is not None and with_mfu else []
         got["bench"].append(bench_rate(case))
         print(f"  {name} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in got.items()), flush=True)
     med = {k: statistics.median(v) for k, v in got.items()}

@@ -251,3 +251,15 @@ def test_a_dead_workers_trial_is_failed_and_run_again_by_the_next_worker(tmp_pat
     assert ran == 2 and states[0] == optuna.trial.TrialState.FAIL
     done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["slot"] for t in done) == [0, 1]  # slot 0 ran again, as a new trial
+
+
+def test_a_trial_can_be_a_two_process_run(run_cli, tmp_path):
+    spec = _spec(tmp_path, nproc=2, grid=[{"optimizer": "sgd", "lr": [0.05]}])
+    code, out, err = run_cli("sweep", spec)
+    assert code == 0, err
+    assert "this worker ran 1 trial(s)" in out
+    run = tmp_path / "sweeps" / "t" / "trial0000"
+    env = json.loads((run / "env.json").read_text())
+    assert env["distributed"]["world_size"] == 2
+    table = pd.read_csv(tmp_path / "sweeps" / "t" / "results.csv")
+    assert table["best_top1"].between(0, 1).all() and list(table["state"]) == ["complete"]

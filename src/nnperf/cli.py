@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 
 from . import config as configs
@@ -46,6 +47,12 @@ def _parser() -> Parser:
     sub = root.add_subparsers(dest="command", required=True, parser_class=Parser)
     train = sub.add_parser("train", help="train a model; writes a run directory")
     _add_config_flags(train)
+    train.add_argument("--nproc", type=int, metavar="N",
+                       help="train in N processes on this node (torchrun's launcher, DistributedDataParallel); "
+                            "--batch-size stays the global batch")
+    train.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                       help="with --nproc: restart the processes up to K times after one fails, resuming from "
+                            "the last saved position (default 0)")
     test = sub.add_parser("test", help="re-evaluate a run's best checkpoint")
     test.add_argument("run_dir", metavar="RUN_DIR")
     test.add_argument("--checkpoint", metavar="PATH", help="evaluate this checkpoint instead of best.pt")
@@ -157,6 +164,9 @@ def _add_perf_commands(sub) -> None:
     _add_config_flags(profile)
     profile.add_argument("--warmup-iters", type=int, default=20, metavar="N", help="steps before the capture "
                                                                                  "(default 20)")
+    profile.add_argument("--nproc", type=int, metavar="N",
+                         help="profile the step of N processes on this node (torchrun's launcher, DDP): the "
+                              "capture shows the gradients' all-reduce; rank 0 writes RUN/profile/")
     profile.add_argument("--profile-iter", type=int, default=1, metavar="K",
                          help="which step after the warm-up to capture (default 1: the first)")
 
@@ -327,7 +337,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import data, models
-    from .train import checkpoint, fit
+    from .train import checkpoint, fit, launch
 
     given = {f.name: getattr(ns, f.name) for f in configs.fields() if hasattr(ns, f.name)}
     if given.get("model") == "help":
@@ -337,12 +347,41 @@ def cmd_train(ns: argparse.Namespace) -> int:
         print("datasets: " + ", ".join(data.names()))
         return 0
     cfg, state = checkpoint.config_and_state(given, ns.config)
+    again = launch.after_restart(given, cfg)  # torchrun restarted the processes: continue the job's run
+    if again is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')}: continuing "
+                  f"{again.get('resume') or cfg.name}", flush=True)
+        cfg, state = checkpoint.config_and_state(again, ns.config)
+    if ns.nproc is not None or ns.max_restarts:
+        code = _launch(ns, cfg)
+        if code is not None:
+            return code
     result = fit(cfg, state)
+    if not result["main"]:
+        return 0
     if cfg.report:
         from .analysis.report import write_report
 
         print(f"report: {write_report([result['run_dir']], Path(result['run_dir']) / 'report.html', keep_plots=True)}")
     return 0
+
+
+def _launch(ns: argparse.Namespace, cfg) -> int | None:
+    """--nproc N: the launcher's exit status; None where this process trains itself (--nproc 1)."""
+    from .train import launch
+
+    if launch.launched():
+        raise UsageError("--nproc: this process was started by torchrun already; drop --nproc (torchrun's "
+                         "--nproc-per-node says how many)")
+    if ns.max_restarts < 0 or ns.max_restarts > 1000:
+        raise UsageError(f"--max-restarts {ns.max_restarts}: must be 0 to 1000")
+    if ns.nproc is None:
+        raise UsageError("--max-restarts: only with --nproc N (or torchrun's own --max-restarts)")
+    launch.check(ns.nproc, cfg)
+    if ns.nproc == 1 and not ns.max_restarts:
+        return None
+    return launch.start(ns.nproc, ns.argv, cfg, ns.max_restarts)
 
 
 def cmd_test(ns: argparse.Namespace) -> int:
@@ -483,8 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(ns, e, 3)
     except Interrupted as e:
         name = signal.Signals(e.signum).name
-        print(f"nnperf {ns.command}: stopped by {name}; position saved. Resume with:\n"
-              f"  nnperf train --resume {e.checkpoint}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one of several processes: rank 0 says it for all
+            print(f"nnperf {ns.command}: stopped by {name}; position saved. Resume with:\n"
+                  f"  nnperf train --resume {e.checkpoint}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print(f"nnperf {ns.command}: interrupted", file=sys.stderr)
@@ -526,5 +566,10 @@ def _first_line(e: BaseException) -> str:
 
 def _fail(ns: argparse.Namespace, error: BaseException | str, code: int) -> int:
     message = error if isinstance(error, str) else _first_line(error)
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") else "0"
+    if rank != "0":  # one of several processes: rank 0 says what is wrong with the settings or data
+        if code == 2 and not message.startswith("rank "):  # a rank's own problem names the rank
+            return code
+        message = message if message.startswith("rank ") else f"rank {rank} on {socket.gethostname()}: {message}"
     print(f"nnperf {ns.command}: error: {message}", file=sys.stderr)
     return code

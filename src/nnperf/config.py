@@ -194,6 +194,11 @@ class TrainConfig:
                        choices=JIT_MODES)
     compile: bool = setting(False, "the same as --jit compile (eager if the compiler is unavailable)", kind=bool)
     device: str = setting("auto", "auto, cpu, cuda, cuda:N, xpu or mps")
+    sync_bn: bool = setting(False, "several processes: BatchNorm statistics over the whole global batch "
+                            "(SyncBatchNorm) instead of each rank's share", kind=bool)
+    dist_timeout: float = setting(300.0, "several processes: a collective that waits longer than this (600s, 10m) "
+                                  "fails with the rank that did not answer instead of hanging", kind=duration,
+                                  min=1, max=86400, unit="seconds")
     workers: int = setting(0, "DataLoader worker processes for --loader torch", kind=int, min=0, max=1024)
     seed: int = setting(0, "random seed: initialisation, data order, augmentation", kind=int,
                         min=0, max=2**63 - 1, must="0 to 2**63-1")
@@ -205,6 +210,9 @@ class TrainConfig:
     resume: str | None = setting(None, "continue a run from its checkpoint (e.g. runs/NAME/checkpoints/last.pt)")
     save_every: int = setting(0, "also keep a checkpoint every N epochs (0: never)", kind=int,
                               min=0, max=10**9, must="0 or more epochs")
+    save_every_steps: int = setting(0, "also save the position to checkpoints/last.pt every N steps, mid-epoch "
+                                    "(0: at each epoch's end only); a restarted or interrupted run loses less",
+                                    kind=int, min=0, max=10**9, unit="steps")
     out_dir: str = setting("runs", "folder that holds run directories")
     name: str | None = setting(None, "run directory name (default: dataset-model-time)")
     overwrite: bool = setting(False, "replace an existing run directory of the same name", kind=bool)

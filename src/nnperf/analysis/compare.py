@@ -5,7 +5,10 @@ from __future__ import annotations
 import pandas as pd
 
 from ..errors import UsageError
-from . import logs, plots, runinfo, summary
+from . import logs, plots, ranks, runinfo, summary
+
+
+STRAGGLER_ROW = "slowest rank (mean step-time ratio)"
 
 
 def _fmt(value) -> str:
@@ -20,6 +23,7 @@ def side_by_side(srcs: list[logs.Source]) -> tuple[pd.DataFrame, list[str]]:
     table = summary.summarise(tele, mets, names).set_index("run") if len(tele) or len(mets) else pd.DataFrame()
     configs = [runinfo.config(s) for s in srcs]
     differ = runinfo.differing_keys(configs)
+    strag = ranks.table(tele, mets)  # empty unless some run has several processes
     columns = {}
     for src, cfg in zip(srcs, configs):
         env = runinfo.env(src)
@@ -36,6 +40,8 @@ def side_by_side(srcs: list[logs.Source]) -> tuple[pd.DataFrame, list[str]]:
         for m in ("gpu_util_pct", "power_w", "cpu_util_pct"):
             if f"{m}_mean" in row:
                 col[f"mean {m}"] = row[f"{m}_mean"]
+        if len(strag):
+            col[STRAGGLER_ROW] = ranks.headline(strag, src.label)
         col.update({f"differs: {k}": cfg.get(k) for k in differ if k not in runinfo.HEADLINE})
         columns[src.label] = col
     frame = pd.DataFrame(columns)

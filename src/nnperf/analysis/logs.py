@@ -1,6 +1,7 @@
 """Read run directories and JSONL logs into pandas tables, for the analysis commands.
 
-Accepts what DESIGN.md's run directory holds (`metrics.jsonl`, `telemetry/*.jsonl`) and the older
+Accepts what DESIGN.md's run directory holds (`metrics.jsonl`, `telemetry/*.jsonl`, and with several
+processes `telemetry/rank{R}/*.jsonl`, rows tagged with rank, local_rank and host) and the older
 profiler's loose `train_epoch.jsonl` / `val_epoch.jsonl` files, which may name the time `timestamp`
 and leave the phase to the file name. pandas and Arrow's JSON reader (the fast path for million-row
 logs); no training code.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +24,12 @@ import pyarrow.json as pa_json
 from ..errors import UsageError
 
 # Columns that say where a row belongs rather than what was measured.
-BOOKKEEPING = {"t", "run", "phase", "epoch", "step", "device", "backend", "elapsed_s", "source"}
+BOOKKEEPING = {"t", "run", "phase", "epoch", "step", "device", "backend", "elapsed_s", "source", "rank",
+               "local_rank", "host"}
 # Fields that hold text, and fields that hold numbers, in DESIGN.md's telemetry and metrics rows.
-TEXT_FIELDS = {"phase"}
+TEXT_FIELDS = {"phase", "host"}
 NUMBER_FIELDS = {"t", "epoch", "step", "loss", "top1", "top5", "lr", "images", "seconds", "images_per_s",
-                 "data_wait_s", "energy_j"}
+                 "data_wait_s", "energy_j", "rank", "local_rank"}
 TIME_KEYS = ("t", "timestamp", "time", "ts")
 PHASE_FILES = {"train_epoch": "train", "val_epoch": "val", "test_epoch": "test"}
 
@@ -60,9 +63,19 @@ def sources(paths: list[str]) -> list[Source]:
     return _merge_same_label(found)
 
 
+RANK_FOLDER = re.compile(r"rank\d+")  # telemetry/rank{R}/: one per process of a multi-process run
+
+
+def _rank_files(telemetry: Path) -> list[Path]:
+    """telemetry/rank{R}/*.jsonl in rank order (rank10 after rank2)."""
+    folders = [d for d in telemetry.glob("rank*") if RANK_FOLDER.fullmatch(d.name) and d.is_dir()]
+    return [p for d in sorted(folders, key=lambda d: int(d.name[4:])) for p in sorted(d.glob("*.jsonl"))
+            if p.is_file()]
+
+
 def _from_dir(path: Path) -> Source:
-    telemetry = sorted(p for p in (path / "telemetry").glob("*.jsonl") if p.is_file()) or sorted(
-        p for p in path.glob("*.jsonl") if p.name != "metrics.jsonl" and p.is_file())
+    own = sorted(p for p in (path / "telemetry").glob("*.jsonl") if p.is_file()) + _rank_files(path / "telemetry")
+    telemetry = own or sorted(p for p in path.glob("*.jsonl") if p.name != "metrics.jsonl" and p.is_file())
     metrics = path / "metrics.jsonl"
     src = Source(path.resolve().name, telemetry, metrics if metrics.is_file() else None, path)
     if not src.telemetry and src.metrics is None:
@@ -70,9 +83,16 @@ def _from_dir(path: Path) -> Source:
     return src
 
 
+def _run_folder(file: Path) -> Path:
+    """The run directory of a loose log file: its folder, or the run above telemetry/ or telemetry/rank{R}/."""
+    folder = file.resolve().parent
+    if RANK_FOLDER.fullmatch(folder.name) and folder.parent.name == "telemetry":
+        folder = folder.parent
+    return folder.parent if folder.name == "telemetry" else folder
+
+
 def _label_for_file(path: Path) -> str:
-    folder = path.resolve().parent
-    return folder.parent.name if folder.name == "telemetry" else folder.name
+    return _run_folder(path).name
 
 
 def _merge_same_label(found: list[Source]) -> list[Source]:
@@ -81,8 +101,7 @@ def _merge_same_label(found: list[Source]) -> list[Source]:
     merged: dict[tuple, Source] = {}
     for src in found:
         if src.run_dir is None:
-            folder = (src.telemetry or [src.metrics])[0].resolve().parent
-            key = (src.label, folder.parent if folder.name == "telemetry" else folder)
+            key = (src.label, _run_folder((src.telemetry or [src.metrics])[0]))
         else:
             key = (src.label, src.run_dir.resolve())
         if key in merged:
@@ -230,6 +249,11 @@ def telemetry(srcs: list[Source]) -> pd.DataFrame:
     df["elapsed_s"] = df["t"] - df.groupby("run")["t"].transform("min")
     df["device"] = df["device"].fillna("").astype(str)
     return df
+
+
+def has_ranks(df: pd.DataFrame) -> bool:
+    """Whether a telemetry table holds rows from several processes of one run (rank-tagged rows)."""
+    return "rank" in df.columns and bool(df.groupby("run")["rank"].nunique().gt(1).any())
 
 
 def metrics(srcs: list[Source]) -> pd.DataFrame:

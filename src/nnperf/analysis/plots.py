@@ -100,19 +100,49 @@ def series_label(run: str, device: str, several_devices: bool) -> str:
     return text(f"{run} · {device}" if several_devices and device else run)
 
 
+def rank_label(run: str, rank: float, device: str, several_runs: bool) -> str:
+    """A line of one process of a multi-process run: "rank1 cuda:1", the run first when the figure
+    holds several runs (the title names a lone one)."""
+    own = " ".join(s for s in (f"rank{int(rank)}", device) if s)
+    return text(f"{run} · {own}" if several_runs else own)
+
+
+def _series(rows: pd.DataFrame):
+    """((run, rank, device), rows) per line: a line per (run, device), and per rank too where rows
+    carry one (several processes' rows of a device would zigzag between them on one line)."""
+    if "rank" not in rows.columns:
+        for (run, device), part in rows.groupby(["run", "device"], sort=True):
+            yield (run, np.nan, device), part
+        return
+    for key, part in rows.groupby(["run", "rank", "device"], sort=True, dropna=False):
+        yield key, part
+
+
 def validation_spans(df: pd.DataFrame) -> dict[str, list[tuple[float, float]]]:
-    return {run: phase_spans(rows) for run, rows in df.groupby("run", sort=False)}
+    return {run: phase_spans(_first_rank(rows)) for run, rows in df.groupby("run", sort=False)}
+
+
+def _first_rank(run_rows: pd.DataFrame) -> pd.DataFrame:
+    """One process's rows of a multi-process run: the ranks change phase a moment apart, and their
+    rows interleaved would cut a validation span into slivers."""
+    if "rank" not in run_rows.columns or run_rows["rank"].isna().all():
+        return run_rows
+    return run_rows[run_rows["rank"] == run_rows["rank"].min()]
 
 
 def plot_metric(df: pd.DataFrame, metric: str, path: Path, spans_by_run: dict | None = None) -> None:
-    """One PNG: `metric` against seconds since start, a line per (run, device), val phases shaded
-    (`spans_by_run` from validation_spans(df), computed here when not given)."""
+    """One PNG: `metric` against seconds since start, a line per (run, device), and per rank for a
+    multi-process run, val phases shaded (`spans_by_run` from validation_spans(df), computed here
+    when not given)."""
     rows = df[df[metric].notna()]
     several_devices = rows.groupby("run")["device"].nunique().max() > 1
+    several_runs = rows["run"].nunique() > 1
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
-    for (run, device), part in rows.groupby(["run", "device"], sort=True):
+    for (run, rank, device), part in _series(rows):
         x, y = _thin(part["elapsed_s"], part[metric].astype(float))
-        ax.plot(x, y, linewidth=1.0, label=series_label(run, device, several_devices))
+        label = (series_label(run, device, several_devices) if pd.isna(rank)
+                 else rank_label(run, rank, device, several_runs))
+        ax.plot(x, y, linewidth=1.0, label=label)
     spans_by_run = validation_spans(df) if spans_by_run is None else spans_by_run
     spans = {(round(a, 1), round(b, 1)) for run in rows["run"].unique() for a, b in spans_by_run.get(run, [])}
     for start, end in sorted(spans):
@@ -160,7 +190,7 @@ def _save(fig, path: Path) -> None:
 
 
 def metric_csv(df: pd.DataFrame, metric: str, path: Path) -> None:
-    cols = [c for c in ("run", "device", "phase", "epoch", "step", "t", "elapsed_s") if c in df.columns]
+    cols = [c for c in ("run", "rank", "host", "device", "phase", "epoch", "step", "t", "elapsed_s") if c in df.columns]
     rows = pa.Table.from_pandas(df.loc[df[metric].notna(), cols + [metric]], preserve_index=False)
     # Arrow's writer: ~7x faster than DataFrame.to_csv on million-row logs.
     outputs.write_with(path, lambda tmp: pa_csv.write_csv(rows, tmp))

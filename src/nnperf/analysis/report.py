@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import lines
-from . import compare, logs, outputs, plot_runs, runinfo, summary
+from . import compare, logs, outputs, plot_runs, ranks, runinfo, summary
 
 CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1180px;
@@ -76,6 +76,21 @@ def _energy_table(mets: pd.DataFrame) -> str:
     return "<h3>Energy per epoch</h3>" + _table(per, "epoch")
 
 
+def _straggler_section(result) -> str:
+    """Per epoch of a multi-process run: the slowest rank, its step time and the fastest's, and each
+    rank's mean utilisation; nothing for a single process."""
+    strag = result.stragglers
+    if strag.empty:
+        return ""
+    per_epoch = ranks.epochs(strag).drop(columns="run").set_index("epoch")
+    used = ", ".join(sorted(strag["util_metric"].dropna().unique())) or "none reported"
+    note = (f'<p class="note">{strag["rank"].nunique()} ranks. Step time: each rank\'s mean training step; '
+            f"ratio: the slowest rank's over the fastest's. Utilisation: mean {_esc(used)} over the epoch's "
+            "training.</p>")
+    plot = _img(result.straggler_plot, "stragglers") if result.straggler_plot else ""
+    return "<h3>Ranks: stragglers per epoch</h3>" + note + _table(per_epoch, "epoch") + plot
+
+
 def _run_section(src: logs.Source, plots_dir: Path) -> str:
     files = [str(p) for p in src.telemetry] + ([str(src.metrics)] if src.metrics else [])
     result = plot_runs([str(src.run_dir)] if src.run_dir else files, plots_dir)
@@ -106,6 +121,7 @@ def _run_section(src: logs.Source, plots_dir: Path) -> str:
                                          if telemetry else '<p class="note">No telemetry rows.</p>'))
     if result.skipped:
         parts.append(f'<p class="note">Not reported by this hardware: {_esc(", ".join(result.skipped))}.</p>')
+    parts.append(_straggler_section(result))
     parts.append("<h3>Summary</h3><pre>" + _esc(result.table) + "</pre>")
     parts.append("<details><summary>Configuration</summary>" + _kv_table(cfg) + "</details>")
     parts.append("<details><summary>Environment</summary>" + _kv_table(env_shown) + "</details>")

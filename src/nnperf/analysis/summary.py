@@ -11,11 +11,14 @@ STATS = ("mean", "max", "p95")
 
 def _energy(tele: pd.DataFrame, mets: pd.DataFrame) -> float | None:
     """Joules for the run: the per-epoch figures the training loop measured when it has them, else
-    the cumulative counters' rise per device; None when the hardware never said."""
+    the cumulative counters' rise per device; None when the hardware never said. With several
+    processes a device is one per host: hosts' "cuda:0"s differ, a host's ranks share its CPU."""
     if "energy_j" in mets.columns and mets["energy_j"].notna().any():
         return float(mets["energy_j"].sum())
     if "energy_j" in tele.columns and tele["energy_j"].notna().any():
-        counters = tele.dropna(subset=["energy_j"]).groupby("device")["energy_j"]
+        rows = tele.dropna(subset=["energy_j"])
+        keys = [rows["host"].fillna(""), "device"] if "host" in rows.columns else "device"
+        counters = rows.groupby(keys)["energy_j"]
         return float((counters.max() - counters.min()).sum())
     return None
 

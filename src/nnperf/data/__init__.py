@@ -6,10 +6,10 @@ import torch
 
 from .augment import Augment
 from .info import DataInfo
-from .loader import Batches, LoaderBatches
+from .loader import Batches, LoaderBatches, Shard
 from .sources import Dataset, Source, Split, holdout, load, names
 
-__all__ = ["Augment", "DataInfo", "Batches", "LoaderBatches", "Dataset", "Source", "Split", "holdout", "load", "names",
+__all__ = ["Augment", "DataInfo", "Batches", "LoaderBatches", "Shard", "Dataset", "Source", "Split", "holdout", "load", "names",
            "channel_stats", "choose_augment", "make_batches"]
 
 # Centred 28x28 grayscale sets: on short runs crops and flips cost more than they add

@@ -48,6 +48,9 @@ class Draws:
     cy: torch.Tensor  # (N,) int64 in [0, H - cutout]
     cx: torch.Tensor  # (N,) int64 in [0, W - cutout]
 
+    def rows(self, rows: slice) -> "Draws":
+        return Draws(self.dy[rows], self.dx[rows], self.flip[rows], self.cy[rows], self.cx[rows])
+
 
 def draw(n: int, pad: int, flip: bool, gen: torch.Generator, size: tuple[int, int] = (0, 0),
          cutout: int = 0) -> Draws:

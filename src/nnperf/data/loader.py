@@ -7,6 +7,7 @@ alone, so a run resumed at any step sees exactly the batches an uninterrupted ru
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -55,15 +56,38 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Which part of each batch this process takes when several train one model: `rank` of `world`
+    takes its contiguous share of the rows of every global batch (training), or, with
+    `whole_batches`, every world-th batch whole (evaluation: each batch exactly as one process
+    evaluates it). The draws are made for the whole global batch and sliced, so the ranks together
+    see exactly the images, crops and flips of one process."""
+
+    rank: int = 0
+    world: int = 1
+    whole_batches: bool = False
+
+    def takes(self, step: int) -> bool:
+        return not self.whole_batches or step % self.world == self.rank
+
+    def rows(self, n: int) -> slice:
+        if self.whole_batches or self.world == 1:
+            return slice(0, n)
+        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+
 class Batches:
     """Device-resident input: the whole split lives on the device as uint8 (or in pinned host
     memory when it does not fit); each batch is gathered, augmented and normalised on the device
     with batched tensor operations."""
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, mean: list[float], std: list[float], *,
-                 shuffle: bool = False, augment: Augment = Augment(), seed: int = 0, channels_last: bool = False):
+                 shuffle: bool = False, augment: Augment = Augment(), seed: int = 0, channels_last: bool = False,
+                 shard: Shard | None = None):
         self.n = len(split)
         self.batch_size = batch_size
+        self.shard = shard or Shard()
         self.device = device
         self.shuffle, self.augment, self.seed = shuffle, augment, seed
         self.channels_last = channels_last
@@ -97,17 +121,22 @@ class Batches:
             self._flip_base_dev = to_device(self.flip_base, device)
         return self._flip_base_dev
 
-    def prepare(self, images: torch.Tensor, index: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+    def prepare(self, images: torch.Tensor, index: torch.Tensor, epoch: int, step: int,
+                rows: slice | None = None) -> torch.Tensor:
         """uint8 batch on the device (dataset indices `index`, on the host or the device) ->
         augmented, normalised float batch. The draws come from a generator seeded from (seed,
         epoch, step), on the host for CPU runs and on the images' device otherwise: no per-batch
-        host->device copy, and a resumed run draws exactly what an uninterrupted one would."""
+        host->device copy, and a resumed run draws exactly what an uninterrupted one would. With
+        `rows`, `index` is the whole global batch and `images` its `rows`: the draws are made for
+        all of it and sliced."""
         a = self.augment
         if a.active:
             pad = a.pad if a.crop else 0
             gen_device = torch.device("cpu") if draws_on_host(self.device) else images.device
             gen = torch.Generator(device=gen_device).manual_seed(derive_seed(self.seed, "augment", epoch, step))
-            d = draw(len(images), pad, a.flip == "random", gen, tuple(images.shape[2:]), a.cutout)
+            d = draw(len(index), pad, a.flip == "random", gen, tuple(images.shape[2:]), a.cutout)
+            if rows is not None:
+                d, index = d.rows(rows), index[rows]
             if a.flip == "alternate":
                 if index.device.type != gen_device.type:  # a caller's index from the other side
                     index = index.to(gen_device)
@@ -145,11 +174,17 @@ class Batches:
         order_draws = self._order_for_draws(order)
         same = order_draws.device.type == self.images.device.type
         order_here = order_draws if same else to_device(order, self.images.device)  # where the images are
-        for step in range(start, len(self)):
-            images, labels = self._fetch(self._index(order_here, step))
+        for step in (s for s in range(start, len(self)) if self.shard.takes(s)):
+            index = self._index(order_here, step)
+            rows = self.shard.rows(len(index))
+            images, labels = self._fetch(index[rows])
             if fetched is not None:
                 fetched()
-            yield self.prepare(images, self._index(order_draws, step), epoch, step), labels
+            yield self.prepare(images, self._index(order_draws, step), epoch, step, rows), labels
+
+    def global_rows(self, step: int) -> int:
+        """Images in global batch `step` (the last one of an epoch may be short)."""
+        return min(self.batch_size, self.n - step * self.batch_size)
 
 
 def _gather_pinned(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -225,6 +260,10 @@ class LoaderBatches(Batches):
         order_draws = self._order_for_draws(order)
         self.sampler.indices = order[start * self.batch_size:].tolist()
         for step, (images, labels) in enumerate(self.loader, start):
+            if not self.shard.takes(step):
+                continue
+            rows = self.shard.rows(len(labels))
+            images, labels = images[rows], labels[rows]
             # Pinned by the DataLoader on CUDA: copied on the copy stream, overlapping the step.
             if self.device.type == "cuda":
                 images, labels = self._copies.copy(images, labels)
@@ -232,4 +271,4 @@ class LoaderBatches(Batches):
                 images, labels = to_device(images, self.device), to_device(labels, self.device)
             if fetched is not None:
                 fetched()
-            yield self.prepare(images, self._index(order_draws, step), epoch, step), labels
+            yield self.prepare(images, self._index(order_draws, step), epoch, step, rows), labels

@@ -40,7 +40,7 @@ from .. import config as configs
 from .. import device as devices
 from .. import fileio
 from ..errors import EnvError, UsageError
-from ..train import build, checkpoint, loop, rundir
+from ..train import build, checkpoint, dist, launch, loop, rundir
 from ..train.build import Run
 from . import flops
 
@@ -59,26 +59,34 @@ def run(ns: argparse.Namespace) -> int:
     """`nnperf profile`: warm up, capture one training step, write RUN/profile/; 0 on success."""
     warmup, k = _check_counts(ns)
     cfg, state, given = _config(ns)
+    if ns.nproc is not None and not launch.launched():
+        launch.check(ns.nproc, cfg)
+        if ns.nproc > 1:
+            return launch.start(ns.nproc, ns.argv, cfg)  # the same command in each process
     dev = devices.resolve(cfg.device)
     activities = profiler_activities(dev, os.environ)
     replacing = _check_target(cfg, state)
-    r = build.setup(dataclasses.replace(cfg, overwrite=True) if replacing else cfg, state, print)
+    main = dist.from_env().main  # several processes (torchrun): each profiles its step, rank 0 writes
+    say = print if main else (lambda *a, **k: None)
+    r = build.setup(dataclasses.replace(cfg, overwrite=True) if replacing else cfg, state, say)
     r.cfg = cfg  # config.yaml keeps what the user asked for, not the replacement implied above
     try:
-        if r.fresh:
+        if r.fresh and main:
             _write_start_files(r)
         where = _check_steps(r, warmup + k, warmup, k)
-        print(f"profile {r.dir} | {cfg.dataset} {cfg.model} on {r.dev} ({devices.device_name(r.dev)}) | "
-              f"{r.hw.describe()}\nwarm-up {warmup} steps, then capturing {where.describe()}", flush=True)
+        say(f"profile {r.dir} | {cfg.dataset} {cfg.model} on {r.dev} ({devices.device_name(r.dev)}) | "
+            f"{r.hw.describe()}\nwarm-up {warmup} steps, then capturing {where.describe()}", flush=True)
         batches = _warm_up(r, warmup + k - 1)
         nvtx, cuda_profiler = nvidia_tools(r.dev)
         prof, modules = capture(r, next(batches), activities, nvtx, cuda_profiler)
-        folder = write_outputs(r, prof, modules, activities, where, warmup, k, nvtx is not None)
+        folder = write_outputs(r, prof, modules, activities, where, warmup, k, nvtx is not None) if main else None
     except BaseException:
-        if r.fresh:
+        if r.fresh and main:
             rundir.remove_if_unsaved(r.dir)  # a half-made profile run holds nothing worth keeping
         raise
-    _report(r, prof, activities, folder, command_line(ns, given, cfg))
+    if main:
+        _report(r, prof, activities, folder, command_line(ns, given, cfg))
+    dist.finish()
     return 0
 
 

@@ -5,6 +5,7 @@
     sampler: tpe                 # tpe or random, for the `space` parameters
     seed: 0                      # the sampler's seed
     pruner: {type: median, startup_trials: 5, warmup_epochs: 1}   # or {type: none}
+    nproc: 1                     # processes per trial (nnperf train --nproc N; such trials are not pruned)
     base:                        # nnperf train settings of every trial (a --config preset's keys)
       dataset: fashion-mnist
       epochs: 3
@@ -33,7 +34,7 @@ from .. import config as configs
 from ..errors import UsageError
 from ..names import check_name
 
-KEYS = {"study", "trials", "sampler", "seed", "pruner", "base", "grid", "space", "metric"}
+KEYS = {"study", "trials", "sampler", "seed", "pruner", "base", "grid", "space", "metric", "nproc"}
 TYPES = {"categorical", "int", "float", "log-float"}
 PRUNERS = {"median", "percentile", "none"}
 PRUNER_KEYS = {"type", "startup_trials", "warmup_epochs", "percentile"}
@@ -67,6 +68,7 @@ class Spec:
     grid: list[dict]
     space: dict[str, Param]
     raw: dict
+    nproc: int = 1  # processes per trial (nnperf train --nproc): each trial runs under torchrun's launcher
 
     @property
     def fingerprint(self) -> str:
@@ -255,4 +257,5 @@ def load(path: str | Path, study: str | None = None) -> Spec:
         raise _fail(path, "sampler", f"unknown sampler {sampler!r} (tpe or random)")
     seed = _whole(path, "seed", raw.get("seed", 0), 0, MAX_SEED)
     pruner = _pruner(path, raw.get("pruner"))
-    return Spec(path, name, trials, sampler, seed, pruner, base, points, space, raw)
+    nproc = _whole(path, "nproc", raw.get("nproc", 1), 1, 1024)
+    return Spec(path, name, trials, sampler, seed, pruner, base, points, space, raw, nproc)

@@ -245,7 +245,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: Spec, folder: Path
 
     run_dir = Path(cfg.out_dir) / cfg.name
     try:
-        result = fit(cfg, state, log=lambda line: None, sinks=[Pruning(trial, cfg.epochs)])
+        result = fit(cfg, state, log=lambda line: None, sinks=[Pruning(trial, cfg.epochs)]) if spec.nproc == 1 \
+            else _fit_in_processes(cfg, spec.nproc, folder, trial.number)
     except Pruned as e:
         _set_attrs(trial, _result_attrs(run_dir))
         study.tell(trial, state=TrialState.PRUNED)
@@ -268,6 +269,27 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, spec: Spec, folder: Path
         return
     study.tell(trial, best["top1"])
     log(f"trial {trial.number}: top-1 {best['top1']:.4f} ({attrs['seconds']:.0f}s)")
+
+
+def _fit_in_processes(cfg, nproc: int, folder: Path, number: int) -> dict:
+    """A trial as `nnperf train --nproc N` under torchrun's launcher, its settings in a preset beside
+    its run; unpruned, since the Optuna trial lives in this process and the run in N others."""
+    import yaml
+
+    from ..fileio import read_jsonl, write_text
+    from ..train import launch
+
+    preset = folder / f".trial{number:04d}.yaml"
+    write_text(preset, yaml.safe_dump(configs.to_dict(cfg), sort_keys=False))
+    code = launch.start(nproc, ["train", "--config", str(preset)], cfg)
+    if code >= 128:
+        raise Interrupted(code - 128, str(Path(cfg.out_dir) / cfg.name / "checkpoints" / "last.pt"))
+    if code:
+        raise UsageError(f"trial {number}: nnperf train --nproc {nproc} exited with status {code} (its lines above "
+                         "say why)")
+    rows = [r for r in read_jsonl(Path(cfg.out_dir) / cfg.name / "metrics.jsonl") if r.get("phase") == "val"]
+    best = max(rows, key=lambda r: r["top1"], default=None)
+    return {"best": {"epoch": best["epoch"], "top1": best["top1"]} if best else None}
 
 
 def _run_name(number: int) -> str:

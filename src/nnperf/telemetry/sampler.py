@@ -284,7 +284,8 @@ class Sampler:
     """
 
     def __init__(self, backends: list[Backend], out: Path | str | Callable[[str], Path], interval_s: float = 0.5,
-                 run: str | None = None, timeout_s: float | None = None, warn: Callable[[str], None] | None = None):
+                 run: str | None = None, timeout_s: float | None = None, warn: Callable[[str], None] | None = None,
+                 tags: dict | None = None):
         if interval_s < MIN_INTERVAL_S:
             raise ValueError(f"interval must be at least {MIN_INTERVAL_S}s, got {interval_s}")
         path_for = out if callable(out) else (lambda phase, folder=Path(out): phase_file(folder, phase))
@@ -295,6 +296,7 @@ class Sampler:
         self.workers = [_Worker(b, timeout_s if timeout_s is not None else self.backend_timeout(b))
                         for b in backends]
         self.run = run
+        self.tags = dict(tags or {})  # on every row: the rank, local rank and host of a multi-process run
         self.energy = EnergyMeter()
         self._where: tuple[str, int | None, int | None] = ("idle", None, None)
         self._stop = threading.Event()
@@ -494,8 +496,8 @@ class Sampler:
     def _row(self, w: _Worker, t: float, where: tuple, values: dict) -> dict:
         """The row of one sample: its time and tags (those that are None left out), then its values."""
         phase, epoch, step = where
-        row = {"t": t, "run": self.run, "phase": phase, "epoch": epoch, "step": step, "device": w.backend.device,
-               "backend": w.backend.name}
+        row = {"t": t, "run": self.run, **self.tags, "phase": phase, "epoch": epoch, "step": step,
+               "device": w.backend.device, "backend": w.backend.name}
         if None in row.values():
             row = {k: v for k, v in row.items() if v is not None}
         row.update(values)  # clean() and the energy meter never give None

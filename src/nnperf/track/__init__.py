@@ -169,14 +169,15 @@ class BestEffort:
 
 
 class TelemetryTail:
-    """The telemetry rows appended to RUN/telemetry/*.jsonl since the last call (whole lines only)."""
+    """The telemetry rows appended to RUN/telemetry/*.jsonl (and each rank's RUN/telemetry/rank*/*.jsonl)
+    since the last call (whole lines only)."""
 
     def __init__(self, folder: Path):
         self.folder, self.offsets = folder, {}
 
     def new_rows(self) -> list[dict]:
         rows = []
-        for path in sorted(self.folder.glob("*.jsonl")):
+        for path in sorted([*self.folder.glob("*.jsonl"), *self.folder.glob("rank*/*.jsonl")]):
             start = self.offsets.get(path, 0)
             with open(path, "rb") as f:
                 f.seek(start)

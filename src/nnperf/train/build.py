@@ -13,10 +13,10 @@ from torch import nn
 
 from .. import data, models, telemetry, track
 from .. import device as devices
-from ..config import TrainConfig
+from ..config import PRECISIONS, TrainConfig
 from ..errors import UsageError
 from ..perf import flops, peak, policy
-from . import checkpoint, jit, rundir
+from . import checkpoint, dist, jit, rundir, syncbn
 from .optim import Lookahead, make_optimizer, make_schedule
 from .signals import StopRequest
 from .step import EpochSums, TrainStep
@@ -42,8 +42,8 @@ class Hardware:
         return f"{self.precision.name} ({self.precision.reason}), {layout} ({self.layout_reason})"
 
 
-def choose_hardware(cfg: TrainConfig) -> Hardware:
-    dev = devices.resolve(cfg.device)
+def choose_hardware(cfg: TrainConfig, world: dist.World = dist.SINGLE) -> Hardware:
+    dev = dist.device_of(world, cfg.device)
     precision = devices.choose_precision(dev, cfg.precision, cfg.amp)
     channels_last, reason = devices.choose_channels_last(dev, precision, cfg.channels_last)
     return Hardware(dev, precision, channels_last, reason)
@@ -137,16 +137,19 @@ def build_model(cfg: TrainConfig, info: data.DataInfo, dev: torch.device, channe
 
 
 def eval_batches(cfg: TrainConfig, split: data.Split, info: data.DataInfo, dev: torch.device,
-                 channels_last: bool = False) -> data.Batches:
+                 channels_last: bool = False, world: dist.World = dist.SINGLE) -> data.Batches:
+    """Evaluation batches; with several processes each rank takes every world-th batch whole."""
     return data.make_batches(split, cfg.eval_batch_size, dev, info.mean, info.std, loader=cfg.loader,
-                             workers=cfg.workers, channels_last=channels_last)
+                             workers=cfg.workers, channels_last=channels_last,
+                             shard=data.Shard(world.rank, world.size, whole_batches=True))
 
 
 def train_batches(cfg: TrainConfig, split: data.Split, info: data.DataInfo, dev: torch.device,
-                  channels_last: bool = False) -> data.Batches:
+                  channels_last: bool = False, world: dist.World = dist.SINGLE) -> data.Batches:
+    """Training batches of the global --batch-size; with several processes each rank takes its rows."""
     return data.make_batches(split, cfg.batch_size, dev, info.mean, info.std, loader=cfg.loader,
                              workers=cfg.workers, shuffle=True, augment=info.augment, seed=cfg.seed,
-                             channels_last=channels_last)
+                             channels_last=channels_last, shard=data.Shard(world.rank, world.size))
 
 @dataclass
 class Position:
@@ -184,6 +187,7 @@ class Run:
     flops_per_image: float | None = None  # of a training step, for MFU (counted once, at setup)
     peak_flops: float | None = None  # this device's measured peak FLOP/s in the run's precision
     budget_clock: tuple[float, float] | None = None  # --time-budget: (command start, training start), monotonic
+    world: dist.World = dist.SINGLE  # this process's place among the run's processes (torchrun)
     sampler: telemetry.Sampler | None = None  # while training
     sinks: track.Sinks | None = None
     metrics: track.MetricsFile | None = None
@@ -201,11 +205,16 @@ class Run:
 def setup(cfg: TrainConfig, state: dict | None, log: Callable[[str], None]) -> Run:
     """Build everything and check it can run; the run directory is made (or reopened) last, so a
     bad setting or file leaves nothing behind."""
-    path, fresh = rundir.for_resume(cfg) if state else (rundir.check_new(cfg), True)
+    world = dist.from_env()
+    _check_world(cfg, world, resuming=state is not None)
+    hw = choose_hardware(cfg, world)
+    world = dist.start(world, hw.dev, cfg.dist_timeout)
+    cfg.name = dist.text_from_main(cfg.name, world, hw.dev)
+    path, fresh = _run_path(cfg, state, world)
     track.check_installed(cfg)
-    hw = choose_hardware(cfg)
     _check_settings(cfg, state, hw)
     splits = load_splits(cfg)
+    _check_shares(cfg, world, len(splits.train))
     if state:
         _check_same_data(state["data"], splits.info, cfg.resume)
     info = data.DataInfo.from_dict(state["data"]) if state else splits.info
@@ -216,33 +225,82 @@ def setup(cfg: TrainConfig, state: dict | None, log: Callable[[str], None]) -> R
     else:
         _init_from_data(model, splits.train, info, hw.dev)
     _check_model_runs(cfg, model, info, hw)  # first: the probe below assumes a model that runs
-    hw = choose_measured(cfg, hw, model, info, state)
+    hw = _same_on_every_rank(choose_measured(cfg, hw, model, info, state) if world.main else hw, world)
     model = model.to(memory_format=torch.channels_last if hw.channels_last else torch.contiguous_format)
-    run = _assemble(cfg, path, hw, info, model, splits, log)
+    if cfg.sync_bn and world.many:
+        model = syncbn.convert(model, hw.dev)
+    run = _assemble(cfg, path, hw, info, model, splits, log, world)
     run.fresh = fresh
-    run.flops_per_image, run.peak_flops = mfu_basis(cfg, model, info, hw, log)
+    if world.main:  # only rank 0 logs rows; each device's peak counts once
+        run.flops_per_image, peak_rate = mfu_basis(cfg, model, info, hw, log)
+        run.peak_flops = peak_rate * world.size if peak_rate else None
     if state:
         checkpoint.restore(run, state)
-    if fresh:
-        rundir.create(cfg)
-    else:
-        rundir.prepare_resume(path)
+    if world.main:
+        rundir.create(cfg) if fresh else rundir.prepare_resume(path)
+    dist.barrier(world)  # the other ranks write their telemetry into it
     return run
 
 
+def _run_path(cfg: TrainConfig, state: dict | None, world: dist.World) -> tuple[Path, bool]:
+    """The run directory and whether this command makes it. Rank 0 alone checks and makes it: another
+    rank checking after rank 0 made it would refuse it."""
+    if not world.main:
+        return rundir.target(cfg), False
+    return rundir.for_resume(cfg) if state else (rundir.check_new(cfg), True)
+
+
+def _check_world(cfg: TrainConfig, world: dist.World, resuming: bool) -> None:
+    # A run of several processes resumes on one: its --sync-bn then has nothing to synchronise.
+    if cfg.sync_bn and not world.many and not resuming:
+        raise UsageError("--sync-bn: needs several processes (nnperf train --nproc N, or torchrun); one process "
+                         "already normalises over the whole batch")
+    if not world.many:
+        return
+    if cfg.batch_size % world.size:
+        lower = cfg.batch_size // world.size * world.size
+        sizes = " or ".join(str(b) for b in (lower, lower + world.size) if b > 0)
+        raise UsageError(f"--batch-size {cfg.batch_size}: the global batch must divide among {world.size} processes; "
+                         f"use {sizes}")
+    mode = "compile" if cfg.compile else cfg.jit
+    if mode not in ("eager", "compile"):
+        raise UsageError(f"--jit {mode}: DistributedDataParallel wraps the eager or compiled model only; use --jit "
+                         "eager or compile with several processes")
+
+
+def _check_shares(cfg: TrainConfig, world: dist.World, train_images: int) -> None:
+    """Every rank needs images in every step: a last batch smaller than the world leaves one without."""
+    last = train_images % cfg.batch_size
+    if world.many and 0 < last < world.size:
+        raise UsageError(f"--batch-size {cfg.batch_size}: the last batch of an epoch would hold {last} of the "
+                         f"{train_images} training images, fewer than the {world.size} processes; choose a batch "
+                         "size that leaves none or at least one image per process")
+
+
+def _same_on_every_rank(hw: Hardware, world: dist.World) -> Hardware:
+    """Rank 0's precision and memory format on every rank (only rank 0 runs the measured policy)."""
+    names = list(PRECISIONS)
+    index, channels_last = dist.from_main([names.index(hw.precision.name), int(hw.channels_last)], world, hw.dev)
+    if names[index] == hw.precision.name and bool(channels_last) == hw.channels_last:
+        return hw
+    why = "rank 0's choice"
+    return Hardware(hw.dev, devices.Precision(names[index], why), bool(channels_last), why, hw.policy)
+
+
 def _assemble(cfg: TrainConfig, path: Path, hw: Hardware, info: data.DataInfo, model: nn.Module, splits: Splits,
-              log: Callable[[str], None]) -> Run:
-    train = train_batches(cfg, splits.train, info, hw.dev, hw.channels_last)
-    evals = eval_batches(cfg, splits.get(info.eval_split), info, hw.dev, hw.channels_last)
+              log: Callable[[str], None], world: dist.World = dist.SINGLE) -> Run:
+    train = train_batches(cfg, splits.train, info, hw.dev, hw.channels_last, world)
+    evals = eval_batches(cfg, splits.get(info.eval_split), info, hw.dev, hw.channels_last, world)
     optimizer = make_optimizer(cfg, model)
     # --max-steps only stops early; the schedule keeps its full length so a stopped run can resume.
     scheduler = make_schedule(cfg, optimizer, len(train) * cfg.epochs)
     scaler = torch.amp.GradScaler(hw.dev.type) if hw.precision.needs_scaler else None
-    forward = graph_forward(cfg, model, info, hw, log)
+    parallel = dist.parallel(model, hw.dev, world)  # DDP with several processes, else the model itself
+    forward = graph_forward(cfg, parallel, info, hw, log) or (parallel if parallel is not model else None)
     step = TrainStep(model, optimizer, scaler, hw.dev, hw.precision, cfg.label_smoothing, forward,
                      skip_nonfinite=cfg.nan_policy == "skip")
     lookahead = Lookahead(model, cfg.lookahead_every, cfg.lookahead_decay) if cfg.lookahead_every else None
-    return Run(cfg, path, hw, info, model, optimizer, scheduler, scaler, train, evals, step, lookahead)
+    return Run(cfg, path, hw, info, model, optimizer, scheduler, scaler, train, evals, step, lookahead, world=world)
 
 
 def graph_forward(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: Hardware,

@@ -227,7 +227,9 @@ def _restore_rng(run: Run, state: dict) -> None:
 def _restore_position(run: Run, state: dict) -> None:
     p = run.pos
     p.epoch, p.step, p.global_step, p.best = state["epoch"], state["step"], state["global_step"], state["best"]
-    run.sums = EpochSums.restored(state["sums"], run.dev)
+    # The saved sums are every rank's together: with several processes rank 0 carries them, the others
+    # start from zero, and the epoch's all-reduce adds them up again.
+    run.sums = EpochSums.restored(state["sums"], run.dev) if run.world.main else EpochSums.zero(run.dev)
 
 
 def rng_state(dev: torch.device) -> dict:

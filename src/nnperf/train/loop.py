@@ -6,6 +6,7 @@ Reading order: `fit` -> `_epochs` -> `_train_epoch` (each batch through `TrainSt
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from typing import Callable
@@ -21,7 +22,7 @@ from ..fileio import describe_os_error, write_stream
 from ..lines import final_line, partial_line
 from ..perf import flops
 from ..telemetry import backends as telemetry_backends
-from . import budget, build, checkpoint, divergence, rundir
+from . import budget, build, checkpoint, dist, divergence, rundir
 from .build import Run
 from .inputwait import InputWait, measured_by
 from .signals import StopRequest
@@ -34,8 +35,23 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
     one may end the run after an epoch by raising track.StopRun). Returns the run directory and the
     best epoch's metrics."""
     started = time.monotonic()
+    world = dist.from_env()
+    if not world.main:  # rank 0 speaks for the run; the others only warn
+        log = _warnings_only(log)
     if cfg.name is None:
         cfg.name = rundir.default_name(cfg)
+    try:
+        result = _fit(cfg, state, log, sinks, started)
+    except Exception as e:
+        if world.many and dist.lost_contact(e):
+            raise EnvError(dist.lost_contact_line(world, cfg.dist_timeout, e)) from None
+        raise
+    dist.finish()  # after a failure the others may be gone: the process's exit closes the group then
+    return result
+
+
+def _fit(cfg: configs.TrainConfig, state: dict | None, log: Callable[[str], None], sinks: list | tuple,
+         started: float) -> dict:
     run = build.setup(cfg, state, log)
     try:
         with StopRequest() as run.stop:
@@ -43,7 +59,8 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
             _start(run, state, log)
             _epochs(run, log, list(sinks))
             with run.stop.saving():
-                write_stream(run.ckpt_dir / "final_weights.pt", lambda f: torch.save(run.model.state_dict(), f))
+                if run.world.main:
+                    write_stream(run.ckpt_dir / "final_weights.pt", lambda f: torch.save(run.model.state_dict(), f))
     except OSError as e:
         _forget_if_unsaved(run)
         raise EnvError(_environment_failed(run, e)) from None
@@ -53,7 +70,8 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
         _forget_if_unsaved(run)
         raise
     log(final_line(run.pos.best) if run.pos.best or run.partial_val is None else partial_line(run.partial_val))
-    return {"run_dir": str(run.dir), "best": run.pos.best, "epochs": run.pos.epoch, "steps": run.pos.global_step}
+    return {"run_dir": str(run.dir), "best": run.pos.best, "epochs": run.pos.epoch, "steps": run.pos.global_step,
+            "main": run.world.main}
 
 
 def _fit_to_budget(run: Run, state: dict | None, started: float, log: Callable[[str], None]) -> None:
@@ -69,6 +87,8 @@ def start_env(run: Run) -> dict:
     """env.json of a run as it starts: versions and device, how it computes and why, its data."""
     env = envinfo.collect(run.dev, run.hw.precision, run.hw.channels_last)
     env.update(channels_last_reason=run.hw.layout_reason, data=run.info.to_dict(), data_wait_s=measured_by(run.dev))
+    if run.world.many:
+        env["distributed"] = run.world.describe()
     if run.hw.policy is not None:
         env["policy"] = run.hw.policy
     return env
@@ -78,7 +98,8 @@ def _start(run: Run, state: dict | None, log: Callable[[str], None]) -> None:
     env = start_env(run)
     if state is not None:
         env["resumed_at"] = {"epoch": run.pos.epoch, "step": run.pos.step, "global_step": run.pos.global_step}
-    rundir.write_start_files(run.dir, run.cfg, env)
+    if run.world.main:
+        rundir.write_start_files(run.dir, run.cfg, env)
     log(f"run {run.dir} | {run.cfg.dataset} {run.cfg.model} on {run.dev} ({devices.device_name(run.dev)}) | "
         f"{run.hw.describe()}")
 
@@ -103,6 +124,8 @@ def _train_epoch(run: Run, sums: EpochSums) -> EpochSums:
     """Train from the current position to the end of the epoch (or --max-steps, or a signal);
     returns `sums` (the epoch's so far) with this pass added."""
     p, stop = run.pos, run.stop
+    vote = dist.StopVote(run.world, run.dev)
+    stop.signum = vote.now(stop.signum)
     if stop.signum is not None:  # a signal while the previous epoch was evaluated or saved
         _save_interrupted(run, sums)
     _start_epoch(run, sums)
@@ -113,13 +136,17 @@ def _train_epoch(run: Run, sums: EpochSums) -> EpochSums:
     try:
         for x, y in wait.batches(run.train, p.epoch, p.step):
             _set_sampler_phase(run, "train")
+            run.step.loss_weight = dist.loss_weight(run.world, len(y), run.train.global_rows(p.step))
             result = run.step(x, y)
             if pending is not None:
                 divergence.check_finite(run, *pending)
             pending = (result.loss, p.global_step + 1)
             _after_step(run, result, y, sums, bar)
+            stop.signum = vote.after_step(stop.signum)  # several processes: every rank's, one step late
             if stop.signum is not None or _steps_done(run):
                 break
+            if run.cfg.save_every_steps and p.global_step % run.cfg.save_every_steps == 0 and p.step < len(run.train):
+                _save_position(run, sums, started)
     finally:
         if bar is not None:
             bar.close()
@@ -170,7 +197,9 @@ def _end_epoch(run: Run, sums: EpochSums) -> None:
     last = whole and p.epoch + 1 >= run.cfg.epochs
     if last and run.lookahead is not None:
         run.lookahead.finish(run.model)
-    train = {**_train_row(run, sums, "train"), **_energy(run, "train")}
+    ranks = dist.per_rank(sums, p.global_step - sums.first_step, run.world, run.dev)
+    sums = dist.summed(sums, run.world, run.dev)
+    train = {**_train_row(run, sums, "train"), **_energy(run, "train"), **({"ranks": ranks} if ranks else {})}
     val, val_losses = _evaluate(run, whole, last)
     divergence.check_not_diverged(run, val)
     stop = None
@@ -190,7 +219,7 @@ def _evaluate(run: Run, whole: bool, last: bool) -> tuple[dict | None, list]:
     _set_sampler_phase(run, "val")
     losses: list = []
     val = evaluate(run.model, run.eval, run.dev, run.hw.precision, run.cfg.tta,
-                   losses if run.sinks.wants_batches else None)
+                   losses if run.sinks.wants_batches else None, run.world)
     return {"t": time.time(), "epoch": run.pos.epoch + 1, "step": run.pos.global_step, "phase": "val",
             **val, **_energy(run, "val")}, losses
 
@@ -222,6 +251,8 @@ def _advance(run: Run, val: dict | None, whole: bool) -> bool:
 
 
 def _save_epoch(run: Run, sums: EpochSums, improved: bool, whole: bool) -> None:
+    if not run.world.main:
+        return
     state = checkpoint.state_of(run, sums)
     with run.stop.saving():
         checkpoint.save(run.ckpt_dir / "last.pt", state)
@@ -249,13 +280,31 @@ def _mfu(run: Run, sums: EpochSums) -> dict:
     return {"model_flops_per_image": run.flops_per_image, **({"mfu": value} if value is not None else {})}
 
 
+def _warnings_only(log: Callable[[str], None]) -> Callable[[str], None]:
+    return lambda line: log(line) if line.startswith("warning") else None
+
+
 # ---- stopping -------------------------------------------------------------------------------------
 
+def _save_position(run: Run, sums: EpochSums, started: float) -> None:
+    """--save-every-steps: last.pt at this step, mid-epoch (the epoch's sums so far, over every rank)."""
+    at = copy.copy(sums)
+    at.seconds += time.perf_counter() - started
+    at = dist.summed(at, run.world, run.dev)
+    if run.world.main:
+        with run.stop.saving():
+            run.metrics.write()  # the step rows so far
+            checkpoint.save(run.ckpt_dir / "last.pt", checkpoint.state_of(run, at))
+
+
 def _save_interrupted(run: Run, sums: EpochSums) -> None:
+    """Save where every rank stopped (all ranks stop after the same step, see dist.StopVote), once."""
     path = run.ckpt_dir / "last.pt"
+    sums = dist.summed(sums, run.world, run.dev)
     with run.stop.saving():
-        run.metrics.write()  # the step rows of the unfinished epoch
-        checkpoint.save(path, checkpoint.state_of(run, sums))
+        if run.world.main:
+            run.metrics.write()  # the step rows of the unfinished epoch
+            checkpoint.save(path, checkpoint.state_of(run, sums))
     raise Interrupted(run.stop.signum, str(path))
 
 
@@ -272,17 +321,22 @@ def _environment_failed(run: Run, e: OSError) -> str:
 
 
 def _forget_if_unsaved(run: Run) -> None:
-    if run.fresh:
+    if run.fresh and run.world.main:
         rundir.remove_if_unsaved(run.dir)
 
 
 # ---- telemetry and sinks --------------------------------------------------------------------------
 
 def _start_telemetry(run: Run, log: Callable[[str], None]) -> telemetry.Sampler | None:
+    """Every rank samples its own devices; several processes write telemetry/rank{R}/, rows tagged."""
     if not run.cfg.telemetry:
         return None
+    w = run.world
+    folder, tags = run.dir / "telemetry", {}
+    if w.many:
+        folder, tags = folder / f"rank{w.rank}", {"rank": w.rank, "local_rank": w.local_rank, "host": w.host}
     backends = telemetry_backends.for_device(run.dev, warn=log)
-    sampler = telemetry.Sampler(backends, run.dir / "telemetry", run.cfg.telemetry_interval, run=run.cfg.name)
+    sampler = telemetry.Sampler(backends, folder, run.cfg.telemetry_interval, run=run.cfg.name, tags=tags)
     sampler.set_phase("train", run.pos.epoch + 1, run.pos.global_step)
     return sampler.start()
 
@@ -293,11 +347,15 @@ def _set_sampler_phase(run: Run, phase: str) -> None:
 
 
 def _energy(run: Run, phase: str) -> dict:
-    """energy_j of this epoch's phase, where some device could tell it (never made up)."""
-    return run.sampler.energy_window(phase, run.pos.epoch + 1) if run.sampler is not None else {}
+    """energy_j of this epoch's phase, where some device could tell it (never made up); with several
+    processes, over every rank's devices."""
+    mine = run.sampler.energy_window(phase, run.pos.epoch + 1) if run.sampler is not None else {}
+    return dist.energy_over_ranks(mine, run.world, run.dev)
 
 
 def _open_sinks(run: Run, log: Callable[[str], None], extra: list) -> track.Sinks:
+    if not run.world.main:  # rank 0 writes the rows
+        return track.Sinks([], run.dir, log)
     p = run.pos
     kept = rundir.metrics_kept(run.cfg.resume, run.dir, p.global_step, p.epoch, p.step > 0) if run.cfg.resume else []
     run.metrics = track.MetricsFile(run.dir / "metrics.jsonl", kept)
@@ -316,6 +374,8 @@ def _close(run: Run, log: Callable[[str], None]) -> None:
                 close()  # the sampler first: its last rows reach the sinks too
             except Exception as e:  # noqa: BLE001
                 log(f"warning: closing {what} failed ({type(e).__name__}: {e})")
+    if not run.world.main:
+        return
     try:
         rundir.update_env(run.dir, {"telemetry": _telemetry_info(run)})
     except OSError as e:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import device as devices
+from . import dist
 from .optim import SAM
 
 # Memory exhausted is no compiler failure: it is left to the run's own handling, compiled or not.
@@ -65,6 +66,9 @@ class TrainStep:
         # --nan-policy skip: a step whose loss or gradients are not finite leaves the weights as they
         # were. Deciding needs the values on the host, one sync per step, so only when asked for.
         self.skip_nonfinite = skip_nonfinite
+        # Several processes: what this rank's mean loss is weighted by in backward, so that DDP's
+        # mean of the ranks' gradients is the global batch's (train/dist.loss_weight).
+        self.loss_weight = 1.0
 
     def _nonfinite(self, loss: torch.Tensor) -> bool:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -83,6 +87,8 @@ class TrainStep:
         return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing), logits
 
     def _backward(self, loss: torch.Tensor) -> None:
+        if self.loss_weight != 1.0:
+            loss = loss * self.loss_weight
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +121,7 @@ class TrainStep:
         if isinstance(self.optimizer, SAM):
             def closure():
                 with _FrozenBatchNormStats(self.model):
-                    self._loss(x, y)[0].backward()
+                    self._backward(self._loss(x, y)[0])
 
             self.optimizer.step(closure)
         else:
@@ -218,9 +224,10 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, dev: torch.device, precision: devices.Precision, tta: int = 0,
-             batch_losses: list | None = None) -> dict:
+             batch_losses: list | None = None, world: dist.World = dist.SINGLE) -> dict:
     """Mean cross-entropy, top-1 and top-5 accuracy over every batch, and the time it took; each
-    batch's mean loss is appended to `batch_losses` if given."""
+    batch's mean loss is appended to `batch_losses` if given. With several processes each rank
+    evaluates its own batches and the sums are added over the ranks: the figures of the whole split."""
     model.eval()
     devices.sync(dev)
     start = time.perf_counter()
@@ -238,8 +245,12 @@ def evaluate(model: nn.Module, batches, dev: torch.device, precision: devices.Pr
         top1 += topk_correct(logits, y, 1)
         top5 += topk_correct(logits, y, 5)
         n += len(y)
+    if world.many:
+        count = torch.tensor(float(n), dtype=torch.float64, device=dev)
+        totals = torch.stack([loss_sum.double(), top1.double(), top5.double(), count])
+        loss_sum, top1, top5, n = (*dist.all_sum(totals, world)[:3], int(totals[3].item()))
     devices.sync(dev)
-    seconds = time.perf_counter() - start
+    seconds = dist.all_max(time.perf_counter() - start, world, dev)
     return {"loss": loss_sum.item() / n, "top1": top1.item() / n, "top5": top5.item() / n, "images": n,
             "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else None}
 
