@@ -81,17 +81,20 @@ def test_a_profiled_run_gets_a_point_per_module_with_the_profile_s_times(run_cli
                              "--warmup-iters", "0")
     assert code == 0, err
     with open(trained / "profile" / "modules.csv") as f:
-        profiled = {r["module"]: r for r in csv.DictReader(f) if r["depth"] == "0"}
-    assert set(profiled) == {"features", "head"}  # small_cifar's children
+        rows = list(csv.DictReader(f))
+    assert {r["module"] for r in rows if r["depth"] == "0"} == {"features", "head"}  # small_cifar's children
+    # Two children are too few points: the level below, the conv blocks (max-pools have no FLOPs).
+    profiled = {r["module"]: r for r in rows if r["depth"] == "1" and r["type"] == "Sequential"}
+    assert len(profiled) == 5
     code, out, err = run_cli("roofline", trained, "--peak-compute", "1", "--peak-bw", "50")
     assert code == 0, err
     table = pd.read_csv(trained / "plots" / "roofline.csv").set_index("id")
-    assert list(table.index) == ["step", "module:features", "module:head"]
-    assert table.loc["module:head", "kernel"] == "head (Linear)"
+    assert list(table.index) == ["step", *(f"module:{n}" for n in profiled)]
+    assert table.loc["module:features.0", "kernel"] == "features.0 (Sequential)"
     model = models.build("small_cifar", 3, 10, 16, width=8)
     counted = flops.step_flops(model, (32, 3, 16, 16), 10).by_module
     element = 2 if json.loads((trained / "env.json").read_text())["precision"] in ("bf16", "fp16") else 4
-    traffic = flops.module_bytes_per_step(model, "nesterov", 32, (3, 16, 16), element)
+    traffic = flops.module_bytes_per_step(model, "nesterov", 32, (3, 16, 16), element, names=list(profiled))
     for name, row in profiled.items():
         point = table.loc[f"module:{name}"]
         device = "forward_device_us" in row and float(row["forward_device_us"]) + float(row["backward_device_us"])
@@ -100,9 +103,10 @@ def test_a_profiled_run_gets_a_point_per_module_with_the_profile_s_times(run_cli
         assert point["flops"] == pytest.approx(counted[name]["forward"] + counted[name]["backward"], rel=1e-5)
         assert point["dram_bytes"] == pytest.approx(traffic[name], rel=1e-5)
     # Every leaf of small_cifar is in a child: the children's bytes add up to the step's.
-    assert sum(traffic.values()) == flops.bytes_per_step(model, "nesterov", 32, image_shape=(3, 16, 16),
-                                                         activation_element_bytes=element).total_bytes
-    assert f"2 module points from {trained / 'profile' / 'modules.csv'} (times of the profiled step, batch 32, " \
+    children = flops.module_bytes_per_step(model, "nesterov", 32, (3, 16, 16), element)
+    assert sum(children.values()) == flops.bytes_per_step(model, "nesterov", 32, image_shape=(3, 16, 16),
+                                                          activation_element_bytes=element).total_bytes
+    assert f"5 module points from {trained / 'profile' / 'modules.csv'} (times of the profiled step, batch 32, " \
            "under torch.profiler" in out
 
 

@@ -259,15 +259,18 @@ def _weight_bytes(module: nn.Module) -> int:
 
 
 def module_bytes_per_step(model: nn.Module, optimizer: str | int, batch: int, image_shape: tuple[int, ...],
-                          activation_element_bytes: int = 4) -> dict[str, int]:
-    """bytes_per_step's estimate for each of the model's direct children, by name: the child's own
-    weights, gradients and optimizer state, and the outputs of the leaf modules inside it (and their
-    gradients) at `batch`. Traffic of the root module's own ops and parameters is in no child."""
+                          activation_element_bytes: int = 4, names: list[str] | None = None) -> dict[str, int]:
+    """bytes_per_step's estimate for each module in `names` (default: the model's direct children),
+    by name: the module's own weights, gradients and optimizer state, and the outputs of the leaf
+    modules inside it (and their gradients) at `batch`. Traffic of the root module's own ops and
+    parameters is in no child."""
     model = _unwrap(model)
     leaves = leaf_output_elements(model, image_shape)
     states = optimizer_states(optimizer)
+    modules = dict(model.named_modules())
     out = {}
-    for name, child in model.named_children():
+    for name, child in ((n, modules[n]) for n in names if n in modules) if names is not None \
+            else model.named_children():
         elements = sum(n for path, n in leaves.items() if path == name or path.startswith(name + "."))
         weight = _weight_bytes(child)
         # As in bytes_per_step: weights 4 W, gradients 2 W, state 2 k W, activations 5 A.

@@ -85,7 +85,7 @@ def run(ns: argparse.Namespace) -> int:
             rundir.remove_if_unsaved(r.dir)  # a half-made profile run holds nothing worth keeping
         raise
     if main:
-        _report(r, prof, activities, folder, command_line(ns, given, cfg))
+        _report(r, prof, activities, folder, command_line(ns, given, cfg, nproc=r.world.size))
     dist.finish()
     return 0
 
@@ -505,9 +505,10 @@ def write_trace(prof, path: Path) -> None:
 # ---- what is printed ------------------------------------------------------------------------------
 
 def command_line(ns: argparse.Namespace, given: dict, cfg: configs.TrainConfig,
-                 argv: list[str] | None = None) -> str:
+                 argv: list[str] | None = None, nproc: int = 1) -> str:
     """The user's command, shlex-quoted, to rerun under Nsight; with --name pinned, so that the rerun
-    profiles the same run directory (its profile/ is where the reports go)."""
+    profiles the same run directory (its profile/ is where the reports go), and with --nproc when
+    several processes ran it (each of them sees the command without it)."""
     if argv is None:  # the flags as given to cli.main (in-process too), else this process's own
         argv = [sys.argv[0], *ns.argv] if getattr(ns, "argv", None) is not None else sys.argv
     if "profile" in argv[1:]:
@@ -520,6 +521,8 @@ def command_line(ns: argparse.Namespace, given: dict, cfg: configs.TrainConfig,
                  "--warmup-iters", str(ns.warmup_iters), "--profile-iter", str(ns.profile_iter)]
     if "name" not in given and not given.get("resume"):
         words += ["--name", cfg.name]
+    if nproc > 1 and not any(w == "--nproc" or w.startswith("--nproc=") for w in words):
+        words += ["--nproc", str(nproc)]
     return shlex.join(words)
 
 

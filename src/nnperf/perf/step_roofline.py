@@ -106,13 +106,14 @@ PROFILE_TIMES = ("forward_device_us", "backward_device_us", "forward_cpu_us", "b
 
 
 def module_kernels(run_dir: Path, step: Step) -> tuple[list[roofline.Kernel], str | None]:
-    """(one point per direct child of the model, timed by `nnperf profile` in RUN/profile/modules.csv;
-    the line to print about them, or about why there are none)."""
+    """(one point per module of the model's first level with at least MIN_POINTS modules, else its
+    second (small_cifar is `features` and `head`: its convolutions are one level down), timed by
+    `nnperf profile` in RUN/profile/modules.csv; the line to print about them, or why there are none)."""
     path, last = run_dir / "profile" / "modules.csv", run_dir / "checkpoints" / "last.pt"
     if not path.is_file():
         return [], f"run `nnperf profile --resume {last}` for per-module points" if last.is_file() else None
     try:
-        times = profiled_seconds(path)
+        times = _one_level(profiled_seconds(path))
     except (OSError, ValueError, csv.Error) as e:
         return [], f"{path}: skipped ({' '.join(str(e).split())}); only the whole step is placed"
     batch = _profiled_batch(run_dir / "profile" / "profile.json", step.batch)
@@ -120,7 +121,8 @@ def module_kernels(run_dir: Path, step: Step) -> tuple[list[roofline.Kernel], st
     # FLOPs from FlopCounterMode, as for the step's point: torch.profiler's counts leave out the
     # convolutions' backward and count a convolution twice under autocast.
     counted = flops.step_flops(model, (batch, *step.shape), step.classes).by_module
-    traffic = flops.module_bytes_per_step(model, step.optimizer, batch, step.shape, step.activation_bytes)
+    traffic = flops.module_bytes_per_step(model, step.optimizer, batch, step.shape, step.activation_bytes,
+                                          names=list(times))
     kernels = []
     for name, (kind, seconds) in times.items():
         count = sum(counted.get(name, {}).values())
@@ -130,9 +132,20 @@ def module_kernels(run_dir: Path, step: Step) -> tuple[list[roofline.Kernel], st
                      "under torch.profiler: slower than an unprofiled step)")
 
 
-def profiled_seconds(path: Path) -> dict[str, tuple[str, float]]:
-    """{module: (type, seconds of its forward and backward)} for the model's direct children in
-    `nnperf profile`'s modules.csv: device time where the profile traced the device, else CPU time."""
+MIN_POINTS = 3
+
+
+def _one_level(times: dict[str, tuple[str, float, int]]) -> dict[str, tuple[str, float]]:
+    """The modules of the first depth that has MIN_POINTS of them (else the deepest there is)."""
+    depths = sorted({d for _, _, d in times.values()})
+    level = next((d for d in depths if sum(1 for *_, e in times.values() if e == d) >= MIN_POINTS),
+                 depths[-1] if depths else 0)
+    return {name: (kind, seconds) for name, (kind, seconds, d) in times.items() if d == level}
+
+
+def profiled_seconds(path: Path) -> dict[str, tuple[str, float, int]]:
+    """{module: (type, seconds of its forward and backward, depth)} for the modules in `nnperf
+    profile`'s modules.csv: device time where the profile traced the device, else CPU time."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -144,11 +157,11 @@ def profiled_seconds(path: Path) -> dict[str, tuple[str, float]]:
     for n, r in enumerate(rows, start=1):
         if None in r.values():
             raise ValueError(f"row {n} has fewer columns than the header")
-        if not r["module"] or int(r["depth"]) != 0:
-            continue  # the whole model, or a module inside a child
+        if not r["module"]:
+            continue  # the whole model
         us = [float(r[c]) if r.get(c) not in (None, "") else 0.0 for c in PROFILE_TIMES]
         device, cpu = us[0] + us[1], us[2] + us[3]
-        out[r["module"]] = (r["type"], (device if device > 0 else cpu) / 1e6)
+        out[r["module"]] = (r["type"], (device if device > 0 else cpu) / 1e6, int(r["depth"]))
     return out
 
 

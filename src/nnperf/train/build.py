@@ -295,7 +295,7 @@ def _assemble(cfg: TrainConfig, path: Path, hw: Hardware, info: data.DataInfo, m
     # --max-steps only stops early; the schedule keeps its full length so a stopped run can resume.
     scheduler = make_schedule(cfg, optimizer, len(train) * cfg.epochs)
     scaler = torch.amp.GradScaler(hw.dev.type) if hw.precision.needs_scaler else None
-    parallel = dist.parallel(model, hw.dev, world)  # DDP with several processes, else the model itself
+    parallel = dist.parallel(model, hw.dev, world, cfg.sync_bn)  # DDP with several processes, else the model
     forward = graph_forward(cfg, parallel, info, hw, log) or (parallel if parallel is not model else None)
     step = TrainStep(model, optimizer, scaler, hw.dev, hw.precision, cfg.label_smoothing, forward,
                      skip_nonfinite=cfg.nan_policy == "skip")
