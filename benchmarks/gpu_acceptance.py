@@ -517,6 +517,30 @@ def check_jit(ctx: Ctx) -> str:
     return "; ".join(figures)
 
 
+def check_ddp(ctx: Ctx) -> str:
+    """Two processes (NCCL on two GPUs; Gloo on the CPU in the dry run) against one, the same global
+    batch: both learn, the run records both ranks, and the step time of each."""
+    if not ctx.dry:
+        p = subprocess.run([sys.executable, "-c", "import torch;print(torch.cuda.device_count())"],
+                           capture_output=True, text=True)
+        if int(p.stdout.strip() or 0) < 2:
+            raise Skip(f"{p.stdout.strip() or 0} GPU(s) here: DDP needs 2")
+    one = train(ctx, "ddp-1", [*ctx.small(), "--no-telemetry"], timeout=900)
+    two = train(ctx, "ddp-2", [*ctx.small(), "--nproc", "2", "--sync-bn"], timeout=900)
+    world = env_json(two).get("distributed", {})
+    if world.get("world_size") != 2:
+        raise Fail(f"env.json distributed: {world}")
+    learned(ctx, last(metrics(two), "val"))
+    ranks = last(metrics(two), "train").get("ranks") or []
+    if [r.get("rank") for r in ranks] != [0, 1] or not all((two / "telemetry" / f"rank{r}").is_dir() for r in (0, 1)):
+        raise Fail(f"per-rank rows or telemetry missing: {ranks}")
+    args = ctx.small()
+    batch = int(args[args.index("--batch-size") + 1])
+    step = [batch / last(metrics(run), "train")["images_per_s"] * 1000 for run in (one, two)]
+    return (f"{world.get('backend')}: step {step[0]:.1f} ms on 1 process, {step[1]:.1f} ms on 2 (global batch "
+            f"{batch}); top1 {last(metrics(two), 'val')['top1']:.3f}")
+
+
 CHECKS = [
     ("devices", check_devices),
     ("fast recipe", check_fast),
@@ -536,6 +560,7 @@ CHECKS = [
     ("profile", check_profile),
     ("roofline+MFU+policy", check_roofline_mfu),
     ("train --jit", check_jit),
+    ("ddp 2 processes", check_ddp),
 ]
 
 

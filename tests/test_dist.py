@@ -300,3 +300,18 @@ def test_each_rank_writes_its_own_telemetry(run_cli, tmp_path):
         assert rows and all(r["rank"] == rank and r["host"] == socket.gethostname() for r in rows)
     train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][0]
     assert [r["rank"] for r in train["ranks"]] == [0, 1] and sum(r["images"] for r in train["ranks"]) == 192
+
+
+@pytest.mark.slow
+def test_a_hung_rank_makes_the_other_stop_after_the_timeout(tmp_path, request):
+    """SIGSTOP rank 1: rank 0's next collective gives up after --dist-timeout with one line (the launcher
+    then waits torchrun's 30 s before it kills the stopped rank)."""
+    if "slow" not in (request.config.getoption("-m") or ""):  # pyproject deselects nothing by default
+        pytest.skip("45 s: run with -m slow")
+    proc = _start(tmp_path, "--epochs", "400", "--name", "hangs", "--nproc", "2", "--dist-timeout", "5")
+    _wait_for(tmp_path / "runs" / "hangs" / "metrics.jsonl", proc)
+    os.kill(_rank_pid(proc, 1), signal.SIGSTOP)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "rank 0 on" in err and "lost contact with the other processes" in err and "--dist-timeout 5s" in err
+    assert "Traceback" not in err

@@ -337,7 +337,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import data, models
-    from .train import checkpoint, fit, launch
+    from .train import fit
 
     given = {f.name: getattr(ns, f.name) for f in configs.fields() if hasattr(ns, f.name)}
     if given.get("model") == "help":
@@ -346,13 +346,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if given.get("dataset") == "help":
         print("datasets: " + ", ".join(data.names()))
         return 0
-    cfg, state = checkpoint.config_and_state(given, ns.config)
-    again = launch.after_restart(given, cfg)  # torchrun restarted the processes: continue the job's run
-    if again is not None:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')}: continuing "
-                  f"{again.get('resume') or cfg.name}", flush=True)
-        cfg, state = checkpoint.config_and_state(again, ns.config)
+    cfg, state = _train_config(ns, given)
     if ns.nproc is not None or ns.max_restarts:
         code = _launch(ns, cfg)
         if code is not None:
@@ -367,11 +361,29 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(ns: argparse.Namespace, given: dict):
+    """The run's config and checkpoint; after torchrun restarted the processes (--max-restarts), the
+    settings that continue the job's own run."""
+    from .train import checkpoint, launch
+
+    cfg, state = checkpoint.config_and_state(given, ns.config)
+    again = launch.after_restart(given, cfg)
+    if again is None:
+        return cfg, state
+    if os.environ.get("RANK", "0") == "0":
+        print(f"restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')}: continuing {again.get('resume') or cfg.name}",
+              flush=True)
+    return checkpoint.config_and_state(again, ns.config)
+
+
 def _launch(ns: argparse.Namespace, cfg) -> int | None:
     """--nproc N: the launcher's exit status; None where this process trains itself (--nproc 1)."""
     from .train import launch
 
     if launch.launched():
+        if ns.nproc is None:
+            raise UsageError("--max-restarts: this process was started by torchrun, whose own --max-restarts "
+                             "restarts the processes; drop nnperf's")
         raise UsageError("--nproc: this process was started by torchrun already; drop --nproc (torchrun's "
                          "--nproc-per-node says how many)")
     if ns.max_restarts < 0 or ns.max_restarts > 1000:

@@ -62,7 +62,7 @@ def run(ns: argparse.Namespace) -> int:
     if ns.nproc is not None and not launch.launched():
         launch.check(ns.nproc, cfg)
         if ns.nproc > 1:
-            return launch.start(ns.nproc, ns.argv, cfg)  # the same command in each process
+            return launch.start(ns.nproc, ns.argv, cfg, check_dir=False)  # the same command in each process
     dev = devices.resolve(cfg.device)
     activities = profiler_activities(dev, os.environ)
     replacing = _check_target(cfg, state)

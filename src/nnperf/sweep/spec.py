@@ -98,6 +98,25 @@ def _whole(path: Path, where: str, value, low: int, high: int) -> int:
     return value
 
 
+def _check_nproc(path: Path, nproc: int, base: dict, points: list[dict], space: dict) -> None:
+    """What `nnperf train --nproc` would refuse in a trial (too few devices here, a batch that does not
+    divide), said now, before the study exists."""
+    from ..train import launch
+
+    sizes = space.get("batch_size")
+    if sizes is not None:
+        ends = sizes.choices if sizes.type == "categorical" else [sizes.low, sizes.step or 1]
+        if any(int(v) % nproc for v in ends):
+            raise _fail(path, "space.batch_size", f"with nproc {nproc} every batch size must divide among the "
+                                                  f"processes: its low and step (or choices) must be multiples of "
+                                                  f"{nproc}")
+    for values in [{**base, **p} for p in points] or [base]:
+        try:
+            launch.check(nproc, configs.build({}, values))
+        except UsageError as e:
+            raise _fail(path, "nproc", str(e).replace("--nproc", "nproc").replace("--batch-size", "batch_size"))
+
+
 def _check_settings(path: Path, where: str, values: dict) -> None:
     known = configs.known_names()  # a spec written before a setting was renamed still loads
     unknown = set(values) - known
@@ -258,4 +277,6 @@ def load(path: str | Path, study: str | None = None) -> Spec:
     seed = _whole(path, "seed", raw.get("seed", 0), 0, MAX_SEED)
     pruner = _pruner(path, raw.get("pruner"))
     nproc = _whole(path, "nproc", raw.get("nproc", 1), 1, 1024)
+    if nproc > 1:
+        _check_nproc(path, nproc, base, points, space)
     return Spec(path, name, trials, sampler, seed, pruner, base, points, space, raw, nproc)

@@ -239,6 +239,7 @@ def setup(cfg: TrainConfig, state: dict | None, log: Callable[[str], None]) -> R
     if world.main:
         rundir.create(cfg) if fresh else rundir.prepare_resume(path)
     dist.barrier(world)  # the other ranks write their telemetry into it
+    dist.training(world, cfg.dist_timeout)  # rank 0's one-off measurements are done
     return run
 
 

@@ -97,14 +97,18 @@ def device_of(world: World, spec: str) -> torch.device:
     return torch.device(dev.type, world.local_rank)
 
 
+SETUP_TIMEOUT_S = 1800.0  # while rank 0 alone measures the policy and the peak (a minute on a slow CPU)
+
+
 def start(world: World, dev: torch.device, timeout_s: float) -> World:
-    """Join the process group (every collective then fails after `timeout_s` instead of hanging)."""
+    """Join the process group. Until `training()` a collective may wait SETUP_TIMEOUT_S (or
+    `timeout_s` if longer), then `timeout_s`; beyond it, it fails instead of hanging."""
     if not world.many:
         return world
     backend = backend_for(dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    timeout = timedelta(seconds=timeout_s)
+    timeout = timedelta(seconds=max(timeout_s, SETUP_TIMEOUT_S))
     try:
         dist.init_process_group(backend, timeout=timeout, rank=world.rank, world_size=world.size,
                                 store=_store(world, timeout))
@@ -129,6 +133,21 @@ def _store(world: World, timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"nnperf/attempt{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
 
 
+_training = False  # set once setup is over on every rank
+
+
+def training(world: World, timeout_s: float) -> None:
+    """From here on a collective waits at most `timeout_s` (--dist-timeout)."""
+    global _training
+    _training = True
+    if world.many and hasattr(dist, "set_timeout"):
+        dist.set_timeout(timedelta(seconds=timeout_s))
+
+
+def is_training() -> bool:
+    return _training
+
+
 def finish() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -143,8 +162,13 @@ def parallel(model: torch.nn.Module, dev: torch.device, world: World, synced_nor
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    import inspect
+
+    # The flag's name since PyTorch 2.12 (both sync at init); broadcast_buffers before it.
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
     return DistributedDataParallel(model, device_ids=[dev.index] if dev.type in ("cuda", "xpu") else None,
-                                   broadcast_buffers=not synced_norms)
+                                   **{sync: not synced_norms})
 
 
 def all_sum(t: torch.Tensor, world: World) -> torch.Tensor:
@@ -296,12 +320,14 @@ def lost_contact(e: BaseException) -> bool:
     RuntimeError with the peer's address in them)."""
     if isinstance(e, getattr(dist, "DistError", ())):
         return True
-    text = str(e)
+    text = str(e).lower()
     return isinstance(e, RuntimeError) and any(m in text for m in LOST_MESSAGES)
 
 
-LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
-                 "Broken pipe", "ProcessGroupGloo", "ProcessGroupNCCL", "NCCL error", "Socket Timeout")
+# What Gloo and NCCL say when a peer is gone or late ("Application timeout caused pair closure",
+# "Connection reset by peer", "Timed out waiting ... for recv operation", "NCCL error ...").
+LOST_MESSAGES = ("closed by peer", "reset by peer", "timed out", "timeout", "pair closure", "broken pipe",
+                 "processgroupgloo", "processgroupnccl", "nccl error", "gloo/transport")
 
 
 def lost_contact_line(world: World, timeout_s: float, e: BaseException) -> str:

@@ -9,11 +9,13 @@ is already on the terminal, so it only adds which rank stopped and how when the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,11 +60,18 @@ def without_nproc(argv: list[str]) -> list[str]:
     for arg in argv:
         if skip:
             skip = False
-        elif arg in LAUNCH_FLAGS:
+        elif _launch_flag(arg) and "=" not in arg:
             skip = True
-        elif not arg.startswith(tuple(f + "=" for f in LAUNCH_FLAGS)):
+        elif not _launch_flag(arg):
             out.append(arg)
     return out
+
+
+def _launch_flag(arg: str) -> bool:
+    """--nproc or --max-restarts, or a short form argparse took for one (--max-rest; nnperf's parser
+    refuses a short form that fits two flags, so one that got this far is the flag)."""
+    flag = arg.split("=", 1)[0]
+    return len(flag) > 3 and flag.startswith("--") and any(f.startswith(flag) for f in LAUNCH_FLAGS)
 
 
 def check(nproc: int, cfg: TrainConfig) -> None:
@@ -91,8 +100,9 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def start(nproc: int, argv: list[str], cfg: TrainConfig, max_restarts: int = 0) -> int:
-    """Run `nnperf train ARGV` in `nproc` processes under torchrun's agent; its exit status."""
+def start(nproc: int, argv: list[str], cfg: TrainConfig, max_restarts: int = 0, check_dir: bool = True) -> int:
+    """Run `nnperf ARGV` (train, or profile: `check_dir` False, it judges its own run directory) in
+    `nproc` processes under torchrun's agent; its exit status."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -100,26 +110,48 @@ def start(nproc: int, argv: list[str], cfg: TrainConfig, max_restarts: int = 0) 
     check(nproc, cfg)
     rest = without_nproc(argv)
     if cfg.name is None:  # one name for every rank and every restart
-        rest += ["--name", f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        cfg = dataclasses.replace(cfg, name=f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+        rest += ["--name", cfg.name]
+    if check_dir:
+        _check_run_dir(cfg)
     if "OMP_NUM_THREADS" not in os.environ:  # each CPU process its share of the cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, _cores() // nproc))
+    # nnperf's flags go to the processes as they are: through torchrun's parser, a short form such as
+    # --log (nnperf's --log-every) read as ambiguous among torchrun's own flags.
     args = torchrun.get_args_parser().parse_args(
-        ["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
-         "--module", "nnperf", *rest])
-    # The agent logs each worker it stops and each failure at length: nnperf's lines say it in one.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        ["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts), "--module", "nnperf"])
+    args.training_script_args = rest
+    _quiet_agent()
     try:
         torchrun.run(args)
     except ChildFailedError as e:
-        return _failed(e)
+        return _failed(e, cfg, nproc)
     except SignalException as e:  # the agent passed the signal on; rank 0 said where the run stopped
         return 128 + int(e.sigval)
     return 0
 
 
-def _failed(e) -> int:
+def _check_run_dir(cfg: TrainConfig) -> None:
+    """The run directory checks of rank 0, before any process starts (read-only)."""
+    from . import rundir
+
+    if cfg.resume:
+        rundir.for_resume(cfg)
+    else:
+        rundir.check_new(cfg)
+
+
+def _quiet_agent() -> None:
+    """The agent logs each worker it stops and each failure at length (and a few of its loggers set
+    their own level): nnperf's lines say it in one."""
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+
+
+def _failed(e, cfg: TrainConfig, nproc: int) -> int:
     """The first failure's exit status; a line naming the rank where the rank could not say why itself
-    (killed by a signal, or a crash without nnperf's own error line)."""
+    (killed by a signal, or a crash without nnperf's own error line), and where to resume from."""
     rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
     code = failure.exitcode
     if code < 0:
@@ -127,7 +159,10 @@ def _failed(e) -> int:
 
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
         print(f"nnperf train: error: rank {rank} (pid {failure.pid}) was killed by {name}", file=sys.stderr)
-        return 128 - code
-    if code not in (1, 2, 3) and code < 128:
+        code = 128 - code
+    elif code not in (1, 2, 3) and code < 128:
         print(f"nnperf train: error: rank {rank} (pid {failure.pid}) exited with status {code}", file=sys.stderr)
+    last = Path(cfg.out_dir) / cfg.name / "checkpoints" / "last.pt"
+    if code != 2 and last.is_file():
+        print(f"  the run's last saved position: nnperf train --nproc {nproc} --resume {last}", file=sys.stderr)
     return code

@@ -44,6 +44,9 @@ def fit(cfg: configs.TrainConfig, state: dict | None = None, log: Callable[[str]
         result = _fit(cfg, state, log, sinks, started)
     except Exception as e:
         if world.many and dist.lost_contact(e):
+            if not world.main and not dist.is_training():
+                # Rank 0 left during setup: it said why (a setting, the run directory); one line is enough.
+                raise SystemExit(1) from None
             raise EnvError(dist.lost_contact_line(world, cfg.dist_timeout, e)) from None
         raise
     dist.finish()  # after a failure the others may be gone: the process's exit closes the group then

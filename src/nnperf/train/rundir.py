@@ -14,8 +14,8 @@ import yaml
 
 from .. import config as configs
 from ..config import TrainConfig
-from ..errors import UsageError
-from ..fileio import clean_stale_temps, read_jsonl, write_json, write_text
+from ..errors import EnvError, UsageError
+from ..fileio import clean_stale_temps, describe_os_error, read_jsonl, write_json, write_text
 
 # What a run directory holds (DESIGN.md); --overwrite removes only a folder that looks like one.
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl")
@@ -83,7 +83,11 @@ def create(cfg: TrainConfig) -> Path:
     path = check_new(cfg)
     if path.exists():
         shutil.rmtree(path)
-    (path / "checkpoints").mkdir(parents=True)
+    try:
+        (path / "checkpoints").mkdir(parents=True)
+    except OSError as e:
+        raise EnvError(f"--out-dir {cfg.out_dir}: cannot make the run directory {path} "
+                       f"({describe_os_error(e)})") from None
     return path
 
 
