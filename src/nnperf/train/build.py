@@ -258,11 +258,7 @@ def _check_world(cfg: TrainConfig, world: dist.World, resuming: bool) -> None:
                          "already normalises over the whole batch")
     if not world.many:
         return
-    if cfg.batch_size % world.size:
-        lower = cfg.batch_size // world.size * world.size
-        sizes = " or ".join(str(b) for b in (lower, lower + world.size) if b > 0)
-        raise UsageError(f"--batch-size {cfg.batch_size}: the global batch must divide among {world.size} processes; "
-                         f"use {sizes}")
+    dist.check_batch(cfg.batch_size, world.size)
     mode = "compile" if cfg.compile else cfg.jit
     if mode not in ("eager", "compile"):
         raise UsageError(f"--jit {mode}: DistributedDataParallel wraps the eager or compiled model only; use --jit "

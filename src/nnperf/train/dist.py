@@ -205,6 +205,15 @@ def text_from_main(text: str, world: World, dev: torch.device) -> str:
     return bytes(from_main(data, world, dev)).decode("utf-8")
 
 
+def check_batch(batch_size: int, processes: int) -> None:
+    """The global batch must divide among the processes: say the nearest sizes that do."""
+    if batch_size % processes:
+        lower = batch_size // processes * processes
+        sizes = " or ".join(str(b) for b in (lower, lower + processes) if b > 0)
+        raise UsageError(f"--batch-size {batch_size}: the global batch must divide among {processes} processes; "
+                         f"use {sizes}")
+
+
 def loss_weight(world: World, local_rows: int, global_rows: int) -> float:
     """What a rank's mean loss is multiplied by so that DDP's mean of the ranks' gradients is the
     gradient of the global batch's mean loss when shares differ (the last batch of an epoch)."""

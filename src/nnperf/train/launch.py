@@ -22,6 +22,7 @@ import torch
 from .. import device as devices
 from ..config import TrainConfig
 from ..errors import UsageError
+from . import dist
 
 LAUNCHED = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
 
@@ -86,11 +87,7 @@ def check(nproc: int, cfg: TrainConfig) -> None:
         raise UsageError(f"--nproc {nproc}: this machine has {count} {what}; use --nproc {count} or fewer")
     if dev.type not in ("cpu", "cuda", "xpu") and nproc > 1:
         raise UsageError(f"--nproc {nproc}: several processes need cuda, xpu or cpu devices, not {dev.type}")
-    if cfg.batch_size % nproc:
-        lower = cfg.batch_size // nproc * nproc
-        sizes = " or ".join(str(b) for b in (lower, lower + nproc) if b > 0)
-        raise UsageError(f"--batch-size {cfg.batch_size}: the global batch must divide among {nproc} processes; "
-                         f"use {sizes}")
+    dist.check_batch(cfg.batch_size, nproc)
 
 
 def _cores() -> int:
