@@ -130,3 +130,16 @@ def test_bytes_per_step_adds_up():
         flops.bytes_per_step(model, "lion", 8, activation_elements=5)
     with pytest.raises(ValueError, match="image_shape"):
         flops.bytes_per_step(model, "sgd", 8)
+
+
+def test_a_grouped_convolution_backward_costs_twice_its_forward():
+    """PyTorch's formula counts a depthwise convolution's weight gradient as a full convolution
+    (`groups` times too much); nnperf's counts each gradient at the forward's cost."""
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1, groups=64),
+                          nn.Flatten(), nn.Linear(64 * 8 * 8, 10))
+    count = flops.step_flops(model, (4, 3, 8, 8), 10)
+    depthwise = 4 * 64 * 8 * 8 * 9 * 2
+    by_module = count.by_module
+    key = next(k for k in by_module if k.endswith("1"))
+    assert by_module[key]["forward"] == depthwise
+    assert by_module[key]["backward"] == 2 * depthwise

@@ -39,6 +39,8 @@ def _flag_kwargs(f, help: str) -> dict:
     else:
         kwargs["type"] = meta["kind"]
         kwargs["metavar"] = f.name.upper() if not meta["choices"] else "{" + ",".join(meta["choices"]) + "}"
+    if f.name == "pretrained":  # --pretrained alone: the library's weights; --pretrained FILE: a file
+        kwargs.update(nargs="?", const="default", metavar="FILE")
     return kwargs
 
 

@@ -93,6 +93,20 @@ def duration(value: str | float | int) -> float:
 duration.expects = "a duration such as 600s, 10m or 1h"
 
 
+def weights_source(value: str | bool) -> str | None:
+    """--pretrained: "default" (the flag alone, or `pretrained: true` in YAML) or a weights file."""
+    if value is True:
+        return "default"
+    if value is False:
+        return None
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ValueError(value)
+
+
+weights_source.expects = "true (the library's weights) or a weights file"
+
+
 def setting(default: Any, help: str, kind: type = str, choices: tuple | None = None, *,
             min: float | None = None, max: float | None = None, above: float | None = None,
             below: float | None = None, unit: str | None = None, must: str | None = None):
@@ -113,8 +127,10 @@ class TrainConfig:
     split_seed: int = setting(0, "seed of the --val-split shuffle; kept apart from --seed so that runs with "
                               "different seeds are measured on the same images", kind=int,
                               min=0, max=2**63 - 1, must="0 to 2**63-1")
-    image_size: int | None = setting(None, "resize ImageFolder images (or make synthetic ones) this size", kind=int,
-                                     min=4, max=4096, must="between 4 and 4096")
+    image_size: int | None = setting(None, "the side of the model's input: ImageFolder images are decoded at it, "
+                                     "synthetic ones made at it, the others resized on the device per batch (default: "
+                                     "the data's own; with --pretrained or --init-from, what the weights expect)",
+                                     kind=int, min=4, max=4096, must="between 4 and 4096")
     synthetic_size: int = setting(2048, "number of training images for --dataset synthetic", kind=int,
                                   min=1, max=10**8)
     synthetic_classes: int = setting(10, "number of classes for --dataset synthetic", kind=int,
@@ -138,6 +154,19 @@ class TrainConfig:
                              choices=CONV_IMPLS)
     width: int | None = setting(None, "base channel count of the model (default: the model's own)", kind=int,
                                 min=1, max=4096, must="between 1 and 4096")
+    pretrained: str | None = setting(None, "start from pretrained weights: alone, the library's default weights of a "
+                                     "tv:/timm: model or effnet_lite0 (through the library's download cache); with "
+                                     "FILE, a local state dict, checkpoint or .safetensors file (keys matched by "
+                                     "name, the classifier head new)", kind=weights_source)
+    init_from: str | None = setting(None, "start from the weights of an earlier nnperf run of the same --model (its "
+                                    "RUN_DIR or a checkpoint): keys matched by name, the head new where the classes "
+                                    "differ; inputs sized and normalised as that run's were")
+    freeze_epochs: int = setting(0, "train only the classifier head for the first N epochs (the rest frozen, its "
+                                 "BatchNorm statistics too)", kind=int, min=0, max=100_000, unit="epochs")
+    head_lr: float | None = setting(None, "peak learning rate of the classifier head (default --lr)", kind=float,
+                                    above=0, max=100)
+    backbone_lr: float | None = setting(None, "peak learning rate of everything but the classifier head (default "
+                                        "--lr)", kind=float, above=0, max=100)
     # optimisation
     epochs: int = setting(10, "training epochs", kind=int, min=1, max=100_000, must="between 1 and 100000")
     batch_size: int = setting(128, "training batch size", kind=int, min=1, max=1 << 20, must="a positive number")
@@ -337,6 +366,10 @@ def validate(cfg: TrainConfig) -> None:
            "is defined for --optimizer sgd, nesterov or muon")
     _check(not (cfg.compile and cfg.jit not in ("eager", "compile")), "--compile",
            f"is --jit compile; it cannot go with --jit {cfg.jit} (drop one of them)")
+    _check(not ((cfg.head_lr or cfg.backbone_lr) and cfg.optimizer == "muon"), "--head-lr/--backbone-lr",
+           "set the learning rates of SGD and Adam-family optimizers, not --optimizer muon's")
+    _check(not (cfg.pretrained and cfg.init_from), "--init-from",
+           "cannot go with --pretrained (one source of starting weights; drop one)")
     _check(not (cfg.optimizer == "sam" and cfg.precision == "fp16"), "--optimizer sam",
            "works with --precision fp32 or bf16, not fp16 (its two passes do not fit one gradient scaler step)")
 

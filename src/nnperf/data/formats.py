@@ -270,12 +270,17 @@ def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray:
 
 
 def decode_images(files: list[Path], image_size: int | tuple[int, int] | None) -> np.ndarray:
-    """Decode image files to (N,3,H,W) uint8 RGB, all resized to `image_size` (or to the first
-    image's size) so that they stack into one array."""
+    """Decode image files to (N,3,H,W) uint8 RGB, all resized to one size so that they stack into
+    one array: `image_size` where that shrinks the first image (less memory), else the first
+    image's size (a larger --image-size is reached on the device, per batch: the dataset stays
+    small). A (width, height) tuple is taken as it is."""
     with bomb_warnings_silenced():
         first = _decode(files[0], None)
-        size = (image_size, image_size) if isinstance(image_size, int) else image_size
-        size = size or (first.shape[2], first.shape[1])  # PIL sizes are (width, height)
+        native = (first.shape[2], first.shape[1])  # PIL sizes are (width, height)
+        if isinstance(image_size, int):
+            size = (image_size, image_size) if image_size < max(native) else native
+        else:
+            size = image_size or native
         # Pillow releases the GIL while decoding, so threads use every core.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             arrays = list(pool.map(lambda f: _decode(f, size), files, chunksize=256))

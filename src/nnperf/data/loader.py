@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from .augment import Augment, crop_flip, derive_seed, draw
@@ -18,6 +19,21 @@ from .sources import Split
 
 # Keep a dataset on the GPU only while it takes at most this share of the free memory.
 DEVICE_SHARE = 0.4
+# Interpolations of the on-device resize (F.interpolate's modes; pretrained weights name one of them).
+RESIZE_MODES = ("bilinear", "bicubic")
+
+
+def resize(images: torch.Tensor, side: int, mode: str = "bilinear") -> torch.Tensor:
+    """A normalised float batch resized to side x side on its device, in one batched call. Linear in
+    the pixels, so resizing after normalising equals torchvision's Resize before it (on float
+    pixels) while the per-channel arithmetic runs on the smaller images; antialiased like
+    torchvision's Resize when shrinking. Keeps the batch's memory format."""
+    if tuple(images.shape[2:]) == (side, side):
+        return images
+    fmt = torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) and images.shape[1] > 1 \
+        else torch.contiguous_format
+    out = F.interpolate(images, size=(side, side), mode=mode, align_corners=False, antialias=True)
+    return out.contiguous(memory_format=fmt)
 
 
 def fits_on(device: torch.device, nbytes: int) -> bool:
@@ -84,8 +100,9 @@ class Batches:
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, mean: list[float], std: list[float], *,
                  shuffle: bool = False, augment: Augment = Augment(), seed: int = 0, channels_last: bool = False,
-                 shard: Shard | None = None):
+                 shard: Shard | None = None, resize: tuple[int, str] | None = None):
         self.n = len(split)
+        self.resize = resize  # (side, interpolation): the model's input size, when it is not the stored one
         self.batch_size = batch_size
         self.shard = shard or Shard()
         self.device = device
@@ -124,7 +141,7 @@ class Batches:
     def prepare(self, images: torch.Tensor, index: torch.Tensor, epoch: int, step: int,
                 rows: slice | None = None) -> torch.Tensor:
         """uint8 batch on the device (dataset indices `index`, on the host or the device) ->
-        augmented, normalised float batch. The draws come from a generator seeded from (seed,
+        augmented, normalised float batch (resized to the model's input size, if that differs). The draws come from a generator seeded from (seed,
         epoch, step), on the host for CPU runs and on the images' device otherwise: no per-batch
         host->device copy, and a resumed run draws exactly what an uninterrupted one would. With
         `rows`, `index` is the whole global batch and `images` its `rows`: the draws are made for
@@ -144,7 +161,8 @@ class Batches:
             images = crop_flip(images, d, pad, a.pad_mode, a.cutout)
         if self.channels_last:  # reorder the uint8 pixels: a quarter of the bytes of the float batch
             images = images.contiguous(memory_format=torch.channels_last)
-        return images.float().sub_(self.mean).mul_(self.inv_std)
+        images = images.float().sub_(self.mean).mul_(self.inv_std)
+        return resize(images, *self.resize) if self.resize else images
 
     def _index(self, order: torch.Tensor, step: int) -> torch.Tensor:
         return order[step * self.batch_size:(step + 1) * self.batch_size]

@@ -37,7 +37,7 @@ class Source:
     data: str | None = None  # the folder (default: a per-dataset location)
     download: bool = True
     cache_dir: str | None = None
-    image_size: int | None = None  # ImageFolder images are resized to it; synthetic ones made so
+    image_size: int | None = None  # ImageFolder images are shrunk to it (never enlarged); synthetic ones made so
     synthetic_size: int = 2048
     synthetic_classes: int = 10
     synthetic_channels: int = 3

@@ -8,6 +8,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UsageError
+from . import pretrained as library
 from .fast import FastNet
 from .resnet import cifar_resnet
 from .small import ConvNet3, SmallCNN
@@ -37,14 +38,26 @@ def names() -> list[str]:
     return list(REGISTRY)
 
 
+def known(name: str) -> bool:
+    """One of nnperf's models, or a name of the torchvision/timm families (checked when built)."""
+    return name in REGISTRY or library.is_library(name)
+
+
 def describe() -> str:
-    return "\n".join(f"  {name:12s} {spec.summary}" for name, spec in REGISTRY.items())
+    own = "\n".join(f"  {name:12s} {spec.summary}" for name, spec in REGISTRY.items())
+    return own + "\n" + library.describe()
 
 
 def build(name: str, in_channels: int, num_classes: int, image_size: int, width: int | None = None,
-          conv_impl: str = "torch") -> nn.Module:
+          conv_impl: str = "torch", pretrained: bool = False) -> nn.Module:
+    """The model for images of `in_channels` x `image_size` and `num_classes`; `pretrained` (tv:,
+    timm: and effnet_lite0 models only): with its library's default weights, the head new."""
+    if library.is_library(name):
+        library.check(name, pretrained)
+        return library.build(name, in_channels, num_classes, pretrained)
     if name not in REGISTRY:
-        raise UsageError(f"--model: unknown model '{name}' (choose from {', '.join(REGISTRY)})")
+        raise UsageError(f"--model: unknown model '{name}' (choose from {', '.join(REGISTRY)}, or tv:NAME / "
+                         "timm:NAME: nnperf train --model help)")
     if name == "convnet3" and image_size < 8:
         raise UsageError(f"--model convnet3: needs images of at least 8x8 pixels, got {image_size}")
     return REGISTRY[name].build(in_channels, num_classes, image_size, width, conv_impl)

@@ -380,7 +380,7 @@ def module_flops(r: Run) -> dict[str, dict[str, int]]:
     torch.profiler counts no FLOPs for convolution_backward and, under autocast, counts a convolution
     twice (the autocast op and the one it calls); an empty dict where the model cannot be counted."""
     try:
-        return flops.step_flops(r.model, (r.cfg.batch_size, *r.info.shape), r.info.num_classes).by_module
+        return flops.step_flops(r.model, (r.cfg.batch_size, *r.info.input_shape), r.info.num_classes).by_module
     except Exception:  # noqa: BLE001 - the table keeps its times without FLOPs
         return {}
 

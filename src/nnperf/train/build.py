@@ -16,7 +16,7 @@ from .. import device as devices
 from ..config import PRECISIONS, TrainConfig
 from ..errors import UsageError
 from ..perf import flops, peak, policy
-from . import checkpoint, dist, jit, rundir, syncbn
+from . import checkpoint, dist, finetune, jit, rundir, syncbn
 from .optim import Lookahead, make_optimizer, make_schedule
 from .signals import StopRequest
 from .step import EpochSums, TrainStep
@@ -68,7 +68,7 @@ def choose_measured(cfg: TrainConfig, hw: Hardware, model: nn.Module, info: data
         cands = [c for c in cands if c.precision != "fp16"] or cands
     model_id = policy.model_id(cfg.model, cfg.width, cfg.conv_impl, info.num_classes)
     fallback = policy.Candidate(hw.precision.name, hw.channels_last)
-    choice = policy.choose(model, model_id, info.shape, info.num_classes, cfg.batch_size, hw.dev, cands, fallback)
+    choice = policy.choose(model, model_id, info.input_shape, info.num_classes, cfg.batch_size, hw.dev, cands, fallback)
     chosen, why = choice.candidate, choice.reason()
     layout_why = "measured with it" if precision is None else why
     return Hardware(hw.dev, devices.Precision(chosen.precision, why if precision is None else hw.precision.reason),
@@ -84,7 +84,7 @@ def mfu_basis(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: Hardw
     per_image = peak_rate = None
     try:
         # SAM runs forward and backward twice per step.
-        per_image = flops.model_flops_per_image(model, info.shape, info.num_classes) * (2 if cfg.optimizer == "sam" else 1)
+        per_image = flops.model_flops_per_image(model, info.input_shape, info.num_classes) * (2 if cfg.optimizer == "sam" else 1)
     except Exception as e:  # noqa: BLE001 - a model FlopCounterMode cannot follow still trains
         log(f"warning: FLOPs of {cfg.model} could not be counted ({type(e).__name__}: {e}); no MFU")
     start = time.perf_counter()
@@ -130,8 +130,11 @@ def load_splits(cfg: TrainConfig) -> Splits:
     return Splits(train, val, ds.test, info)
 
 
-def build_model(cfg: TrainConfig, info: data.DataInfo, dev: torch.device, channels_last: bool = False) -> nn.Module:
-    model = models.build(cfg.model, info.channels, info.num_classes, info.image_size, cfg.width, cfg.conv_impl)
+def build_model(cfg: TrainConfig, info: data.DataInfo, dev: torch.device, channels_last: bool = False,
+                pretrained: bool = False) -> nn.Module:
+    """The run's model on `dev`; `pretrained`: with its library's weights (downloaded or from its cache)."""
+    model = models.build(cfg.model, info.channels, info.num_classes, info.image_size, cfg.width, cfg.conv_impl,
+                         pretrained=pretrained)
     model = model.to(dev)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -141,7 +144,7 @@ def eval_batches(cfg: TrainConfig, split: data.Split, info: data.DataInfo, dev: 
     """Evaluation batches; with several processes each rank takes every world-th batch whole."""
     return data.make_batches(split, cfg.eval_batch_size, dev, info.mean, info.std, loader=cfg.loader,
                              workers=cfg.workers, channels_last=channels_last,
-                             shard=data.Shard(world.rank, world.size, whole_batches=True))
+                             shard=data.Shard(world.rank, world.size, whole_batches=True), resize=info.resize)
 
 
 def train_batches(cfg: TrainConfig, split: data.Split, info: data.DataInfo, dev: torch.device,
@@ -149,7 +152,7 @@ def train_batches(cfg: TrainConfig, split: data.Split, info: data.DataInfo, dev:
     """Training batches of the global --batch-size; with several processes each rank takes its rows."""
     return data.make_batches(split, cfg.batch_size, dev, info.mean, info.std, loader=cfg.loader,
                              workers=cfg.workers, shuffle=True, augment=info.augment, seed=cfg.seed,
-                             channels_last=channels_last, shard=data.Shard(world.rank, world.size))
+                             channels_last=channels_last, shard=data.Shard(world.rank, world.size), resize=info.resize)
 
 @dataclass
 class Position:
@@ -188,6 +191,7 @@ class Run:
     peak_flops: float | None = None  # this device's measured peak FLOP/s in the run's precision
     budget_clock: tuple[float, float] | None = None  # --time-budget: (command start, training start), monotonic
     world: dist.World = dist.SINGLE  # this process's place among the run's processes (torchrun)
+    freezer: finetune.Freezer | None = None  # --freeze-epochs: which epochs train only the head
     sampler: telemetry.Sampler | None = None  # while training
     sinks: track.Sinks | None = None
     metrics: track.MetricsFile | None = None
@@ -207,6 +211,8 @@ def setup(cfg: TrainConfig, state: dict | None, log: Callable[[str], None]) -> R
     bad setting or file leaves nothing behind."""
     world = dist.from_env()
     _check_world(cfg, world, resuming=state is not None)
+    finetune.check_settings(cfg, cfg.model)
+    init = finetune.init_checkpoint(cfg) if not state else None
     hw = choose_hardware(cfg, world)
     world = dist.start(world, hw.dev, cfg.dist_timeout)
     cfg.name = dist.text_from_main(cfg.name, world, hw.dev)
@@ -217,13 +223,15 @@ def setup(cfg: TrainConfig, state: dict | None, log: Callable[[str], None]) -> R
     _check_shares(cfg, world, len(splits.train))
     if state:
         _check_same_data(state["data"], splits.info, cfg.resume)
-    info = data.DataInfo.from_dict(state["data"]) if state else splits.info
+    info = data.DataInfo.from_dict(state["data"]) if state else finetune.model_inputs(cfg, splits.info, init)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, info, hw.dev, hw.channels_last)
+    # A resumed run's checkpoint holds every weight: the library's are not fetched again.
+    model = build_model(cfg, info, hw.dev, hw.channels_last, pretrained=finetune.library_weights(cfg) and not state)
     if state:
         checkpoint.state_matches_model(state, model, cfg.resume)
     else:
         _init_from_data(model, splits.train, info, hw.dev)
+        finetune.load_initial(cfg, model, init, log if world.main else lambda line: None)
     _check_model_runs(cfg, model, info, hw)  # first: the probe below assumes a model that runs
     hw = _same_on_every_rank(choose_measured(cfg, hw, model, info, state) if world.main else hw, world)
     model = model.to(memory_format=torch.channels_last if hw.channels_last else torch.contiguous_format)
@@ -288,16 +296,19 @@ def _assemble(cfg: TrainConfig, path: Path, hw: Hardware, info: data.DataInfo, m
               log: Callable[[str], None], world: dist.World = dist.SINGLE) -> Run:
     train = train_batches(cfg, splits.train, info, hw.dev, hw.channels_last, world)
     evals = eval_batches(cfg, splits.get(info.eval_split), info, hw.dev, hw.channels_last, world)
-    optimizer = make_optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, model, finetune.head_parameters(model) if cfg.head_lr or cfg.backbone_lr else set())
     # --max-steps only stops early; the schedule keeps its full length so a stopped run can resume.
     scheduler = make_schedule(cfg, optimizer, len(train) * cfg.epochs)
     scaler = torch.amp.GradScaler(hw.dev.type) if hw.precision.needs_scaler else None
-    parallel = dist.parallel(model, hw.dev, world, cfg.sync_bn)  # DDP with several processes, else the model
+    # DDP with several processes, else the model. Frozen epochs leave the backbone without gradients.
+    parallel = dist.parallel(model, hw.dev, world, cfg.sync_bn, some_unused=cfg.freeze_epochs > 0)
     forward = graph_forward(cfg, parallel, info, hw, log) or (parallel if parallel is not model else None)
     step = TrainStep(model, optimizer, scaler, hw.dev, hw.precision, cfg.label_smoothing, forward,
                      skip_nonfinite=cfg.nan_policy == "skip")
     lookahead = Lookahead(model, cfg.lookahead_every, cfg.lookahead_decay) if cfg.lookahead_every else None
-    return Run(cfg, path, hw, info, model, optimizer, scheduler, scaler, train, evals, step, lookahead, world=world)
+    freezer = finetune.Freezer(model, cfg.freeze_epochs) if cfg.freeze_epochs else None
+    return Run(cfg, path, hw, info, model, optimizer, scheduler, scaler, train, evals, step, lookahead, world=world,
+               freezer=freezer)
 
 
 def graph_forward(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: Hardware,
@@ -308,7 +319,7 @@ def graph_forward(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: H
     if mode == "eager":
         return None
     fmt = torch.channels_last if hw.channels_last else torch.contiguous_format
-    example = torch.randn(cfg.batch_size, *info.shape, device=hw.dev).contiguous(memory_format=fmt)
+    example = torch.randn(cfg.batch_size, *info.input_shape, device=hw.dev).contiguous(memory_format=fmt)
     try:
         with torch.random.fork_rng(devices=[hw.dev] if hw.dev.type == "cuda" else []):
             return jit.make_forward(model.train(), mode, example, log)
@@ -348,7 +359,7 @@ def _check_same_data(saved: dict, info: data.DataInfo, path: str) -> None:
 def _check_model_runs(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: Hardware) -> None:
     """One forward pass on two blank images, so that a model that cannot take this input size
     fails here, with the flags to change, before a run directory exists."""
-    channels, height, width = info.shape
+    channels, height, width = info.input_shape
     x = torch.zeros(2, channels, height, width, device=hw.dev)
     if hw.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -357,7 +368,7 @@ def _check_model_runs(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, h
     try:
         with torch.no_grad():
             out = model(x)
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError, ValueError) as e:  # ViTs assert their fixed input size
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model {cfg.model}: cannot run on {channels}x{height}x{width} images ({reason}); "
                          "use a larger --image-size or another --model") from None

@@ -11,6 +11,7 @@ import torch
 
 from .. import config as configs
 from ..data.augment import Augment
+from ..data.loader import RESIZE_MODES
 from ..errors import UsageError
 from ..fileio import write_stream
 from . import rundir
@@ -98,6 +99,11 @@ def _bad_data(data: dict) -> str | None:
         return "data augmentation has unknown settings"
     if data["eval_split"] not in ("train", "val", "test"):
         return "data evaluation split is not train, val or test"
+    size = data.get("input_size")
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and 4 <= size <= 4096):
+        return "data input size is not a side of 4 to 4096 pixels"
+    if data.get("interpolation", "bilinear") not in RESIZE_MODES:
+        return f"data interpolation is not one of {', '.join(RESIZE_MODES)}"
     return None
 
 

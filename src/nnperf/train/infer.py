@@ -14,6 +14,7 @@ from .. import config as configs
 from .. import device as devices
 from ..data import DataInfo
 from ..data.formats import bomb_warnings_silenced, open_image
+from ..data.loader import resize
 from ..errors import UsageError
 from . import checkpoint
 from .build import SPLITS, build_model, choose_hardware, eval_batches, load_splits
@@ -95,7 +96,8 @@ def _image_tensor(path: str, info: DataInfo) -> torch.Tensor:
     x = torch.from_numpy(arr.copy()).float().div_(255)
     mean = torch.tensor(info.mean).view(-1, 1, 1)
     std = torch.tensor(info.std).view(-1, 1, 1)
-    return (x - mean) / std
+    x = (x - mean) / std
+    return resize(x[None], *info.resize)[0] if info.resize else x  # as training's batches were
 
 
 @torch.no_grad()

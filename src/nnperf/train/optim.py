@@ -97,11 +97,26 @@ def _muon(cfg: TrainConfig, groups: list[dict], lr: float) -> torch.optim.Optimi
     return Muon.for_groups(groups, lr, cfg.momentum, cfg.muon_lr, cfg.muon_momentum)
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def split_head(groups: list[dict], head: set[int], head_scale: float, backbone_scale: float) -> list[dict]:
+    """Each group split in two, the classifier head's parameters (ids in `head`) and the rest, their
+    learning rates scaled by `head_scale` and `backbone_scale` (on top of any lr_scale)."""
+    out = []
+    for group in groups:
+        for scale, params in ((backbone_scale, [p for p in group["params"] if id(p) not in head]),
+                              (head_scale, [p for p in group["params"] if id(p) in head])):
+            if params:
+                out.append({**group, "params": params, "lr_scale": group.get("lr_scale", 1.0) * scale})
+    return out
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module, head: set[int] = frozenset()) -> torch.optim.Optimizer:
+    """The optimizer of `model`; `head` (parameter ids) gets --head-lr, the rest --backbone-lr."""
     lr, weight_decay = cfg.lr, cfg.weight_decay
     if cfg.decoupled:
         lr, weight_decay = decoupled_sgd(cfg.lr, cfg.weight_decay, cfg.momentum, cfg.batch_size)
     groups = param_groups(model, weight_decay, cfg.norm_lr_scale, decay_all=cfg.decoupled)
+    if cfg.head_lr or cfg.backbone_lr:
+        groups = split_head(groups, head, (cfg.head_lr or cfg.lr) / cfg.lr, (cfg.backbone_lr or cfg.lr) / cfg.lr)
     return OPTIMIZERS[cfg.optimizer](cfg, groups, lr)
 
 
