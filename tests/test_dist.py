@@ -189,11 +189,14 @@ def _final(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "final_weights.pt", weights_only=True)
 
 
-def test_two_processes_train_as_one_does(run_cli, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--freeze-epochs", "1"]], ids=["plain", "frozen-first-epoch"])
+def test_two_processes_train_as_one_does(run_cli, tmp_path, extra):
     """2 ranks with the global batch against 1 process, fp32, --sync-bn: the same images per step
     (the shard test above), and losses and final weights equal up to the order in which float sums
-    are added (DDP adds the two halves' gradients; one process sums over the batch at once)."""
-    common = [*TINY, "--epochs", "2", "--precision", "fp32", "--no-channels-last", "--no-telemetry", "--no-report"]
+    are added (DDP adds the two halves' gradients; one process sums over the batch at once). With a
+    frozen first epoch DDP is made again when the backbone thaws: its gradients are averaged too."""
+    common = [*TINY, "--epochs", "2", "--precision", "fp32", "--no-channels-last", "--no-telemetry", "--no-report",
+              *extra]
     code, out, err = run_cli("train", *common, "--name", "one")
     assert code == 0, err
     code, out, err = run_cli("train", *common, "--name", "two", "--nproc", "2", "--sync-bn")

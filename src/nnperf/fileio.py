@@ -152,3 +152,26 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+# What every nnperf checkpoint's "format" says (train/checkpoint.py writes them; models/ reads their weights).
+CHECKPOINT_FORMAT = "nnperf-checkpoint/1"
+
+
+def read_torch(path: str | Path, flag: str) -> object:
+    """Whatever a torch file holds, read safely (weights_only: no code runs), or a one-line error
+    naming `flag` and the file."""
+    import torch
+
+    from .errors import UsageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{flag} {path}: {'not a regular file' if p.exists() else 'no such file'}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a bad file; all mean the same
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if reason.startswith("Weights only load failed"):
+            reason = "it holds objects that a safe load refuses"
+        raise UsageError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt? {reason[:160]})") from None

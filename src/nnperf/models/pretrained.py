@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..fileio import CHECKPOINT_FORMAT, read_torch
 
 TV, TIMM, EFFNET = "tv:", "timm:", "effnet_lite0"
 
@@ -445,16 +446,14 @@ def _few(names: list[str], most: int = 3) -> str:
 def read_weights(path: str, flag: str) -> dict[str, torch.Tensor]:
     """A local weights file as a state dict, read with no code execution; common wrappers and key
     prefixes removed."""
-    from ..train import checkpoint  # here: the train package imports the models
-
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{flag} {path}: {'not a regular file' if p.exists() else 'no such file'}")
     if p.suffix == ".safetensors":
         state = _read_safetensors(p, path, flag)
     else:
-        state = checkpoint.read(p, flag)
-        if isinstance(state, dict) and state.get("format") == checkpoint.FORMAT:
+        state = read_torch(p, flag)
+        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
             state = state.get("model")
         state = _unwrap(state)
     tensors = {_strip(k): v for k, v in state.items() if isinstance(v, torch.Tensor)} \

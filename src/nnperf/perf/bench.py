@@ -111,6 +111,17 @@ def split_list(text: str, flag: str, allowed: tuple[str, ...] | list[str]) -> li
     return list(dict.fromkeys(items))
 
 
+def model_list(text: str) -> list[str]:
+    """--model M[,M2...]: nnperf's models, tv:NAME and timm:NAME (checked, with close names, when built)."""
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    for name in names:
+        if not models.known(name):
+            split_list(name, "--model", models.names())  # the one-line error listing nnperf's models
+    if not names:
+        split_list("", "--model", models.names())
+    return list(dict.fromkeys(names))
+
+
 def batch_shape(dataset: str, image_size: int | None = None) -> tuple[int, int, int, int]:
     """(channels, height, width, classes) of the dataset's batches, without reading the dataset."""
     if dataset not in DATASET_SHAPES:
@@ -128,7 +139,7 @@ def _check_numbers(ns) -> None:
 
 def plan_of(ns) -> Plan:
     """The checked plan of the parsed flags; every bad value is one UsageError line."""
-    wanted = split_list(ns.model, "--model", models.names())
+    wanted = model_list(ns.model)
     modes = list(dict.fromkeys(jit.canonical(m, "--modes") for m in split_list(ns.modes, "--modes",
                                                                                  (*jit.JIT_MODES, *jit.ALIASES))))
     whats = split_list(ns.what, "--what", WHATS)
@@ -524,7 +535,7 @@ def run(ns) -> int:
 def run_policy(ns) -> int:
     """`nnperf bench --policy`: the table `nnperf train`'s measured policy chooses from, per model,
     measured now (the cache that training reads is updated)."""
-    wanted = split_list(ns.model, "--model", models.names())
+    wanted = model_list(ns.model)
     _check_numbers(ns)
     c, h, w, k = batch_shape(ns.dataset, getattr(ns, "image_size", None))
     dev = devices.resolve(ns.device)

@@ -192,6 +192,7 @@ class Run:
     budget_clock: tuple[float, float] | None = None  # --time-budget: (command start, training start), monotonic
     world: dist.World = dist.SINGLE  # this process's place among the run's processes (torchrun)
     freezer: finetune.Freezer | None = None  # --freeze-epochs: which epochs train only the head
+    log: Callable[[str], None] = print  # where the run's messages go
     sampler: telemetry.Sampler | None = None  # while training
     sinks: track.Sinks | None = None
     metrics: track.MetricsFile | None = None
@@ -300,15 +301,29 @@ def _assemble(cfg: TrainConfig, path: Path, hw: Hardware, info: data.DataInfo, m
     # --max-steps only stops early; the schedule keeps its full length so a stopped run can resume.
     scheduler = make_schedule(cfg, optimizer, len(train) * cfg.epochs)
     scaler = torch.amp.GradScaler(hw.dev.type) if hw.precision.needs_scaler else None
-    # DDP with several processes, else the model. Frozen epochs leave the backbone without gradients.
-    parallel = dist.parallel(model, hw.dev, world, cfg.sync_bn, some_unused=cfg.freeze_epochs > 0)
-    forward = graph_forward(cfg, parallel, info, hw, log) or (parallel if parallel is not model else None)
+    forward = model_forward(cfg, model, info, hw, log, world)
     step = TrainStep(model, optimizer, scaler, hw.dev, hw.precision, cfg.label_smoothing, forward,
                      skip_nonfinite=cfg.nan_policy == "skip")
     lookahead = Lookahead(model, cfg.lookahead_every, cfg.lookahead_decay) if cfg.lookahead_every else None
     freezer = finetune.Freezer(model, cfg.freeze_epochs) if cfg.freeze_epochs else None
     return Run(cfg, path, hw, info, model, optimizer, scheduler, scaler, train, evals, step, lookahead, world=world,
-               freezer=freezer)
+               freezer=freezer, log=log)
+
+
+def model_forward(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: Hardware,
+                  log: Callable[[str], None], world: dist.World) -> nn.Module | None:
+    """What the training step calls: the model under DDP with several processes and through --jit;
+    None where that is the model itself."""
+    parallel = dist.parallel(model, hw.dev, world, cfg.sync_bn)
+    return graph_forward(cfg, parallel, info, hw, log) or (parallel if parallel is not model else None)
+
+
+def refresh_forward(run: Run) -> None:
+    """After --freeze-epochs changed which parameters learn: DDP's gradient buckets and a compiled
+    graph are made for the parameters that need gradients, so they are made again (DDP's
+    construction is a collective: every rank changes at the same epoch)."""
+    if run.step.forward is not run.model:
+        run.step.forward = model_forward(run.cfg, run.model, run.info, run.hw, run.log, run.world) or run.model
 
 
 def graph_forward(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: Hardware,

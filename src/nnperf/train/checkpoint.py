@@ -13,14 +13,14 @@ from .. import config as configs
 from ..data.augment import Augment
 from ..data.loader import RESIZE_MODES
 from ..errors import UsageError
-from ..fileio import write_stream
+from ..fileio import CHECKPOINT_FORMAT, read_torch, write_stream
 from . import rundir
 from .step import EpochSums
 
 if TYPE_CHECKING:  # the run is built in build.py, which imports this module
     from .build import Run
 
-FORMAT = "nnperf-checkpoint/1"
+FORMAT = CHECKPOINT_FORMAT
 
 
 def save(path: str | Path, state: dict) -> None:
@@ -29,16 +29,7 @@ def save(path: str | Path, state: dict) -> None:
 
 def read(path: str | Path, flag: str) -> object:
     """Whatever a torch file holds, read safely (weights_only), or a one-line error about the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{flag} {path}: {'not a regular file' if p.exists() else 'no such file'}")
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a bad file; all mean the same
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if reason.startswith("Weights only load failed"):
-            reason = "it holds objects that a safe load refuses"
-        raise UsageError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt? {reason[:160]})") from None
+    return read_torch(path, flag)
 
 
 def load(path: str | Path, flag: str = "--resume") -> dict:

@@ -153,14 +153,13 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def parallel(model: torch.nn.Module, dev: torch.device, world: World, synced_norms: bool = False,
-             some_unused: bool = False) -> torch.nn.Module:
+def parallel(model: torch.nn.Module, dev: torch.device, world: World, synced_norms: bool = False) -> torch.nn.Module:
     """The model under DistributedDataParallel with several processes (it broadcasts rank 0's weights
     and buffers, then averages the gradients in backward); the model itself with one. Without
     --sync-bn DDP also copies rank 0's BatchNorm statistics to every rank before each forward (3.8 ms
     of small_cifar's 110 ms step on 2 Gloo processes); with it they are the same on every rank.
-    `some_unused`: some parameters get no gradient in some steps (a frozen backbone), which DDP must
-    then look for after each forward instead of waiting for them."""
+    Parameters that need no gradient when it is made (a frozen backbone) are left out of its
+    all-reduce: build.refresh_forward makes it again when they thaw."""
     if not world.many:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -171,7 +170,7 @@ def parallel(model: torch.nn.Module, dev: torch.device, world: World, synced_nor
     sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
         else "broadcast_buffers"
     return DistributedDataParallel(model, device_ids=[dev.index] if dev.type in ("cuda", "xpu") else None,
-                                   find_unused_parameters=some_unused, **{sync: not synced_norms})
+                                   **{sync: not synced_norms})
 
 
 def all_sum(t: torch.Tensor, world: World) -> torch.Tensor:

@@ -110,14 +110,17 @@ class Freezer:
     def frozen(self, epoch: int) -> bool:
         return epoch < self.epochs
 
-    def apply(self, epoch: int) -> None:
-        """Call after model.train() at the start of every epoch (train() puts the norms back in training)."""
+    def apply(self, epoch: int) -> bool:
+        """Call after model.train() at the start of every epoch (train() puts the norms back in
+        training). True when the parameters that learn changed."""
         frozen = self.frozen(epoch)
+        changed = any(p.requires_grad == frozen for p in self.backbone)
         for p in self.backbone:
             p.requires_grad_(not frozen)
         if frozen:
             for m in self.norms:
                 m.eval()
+        return changed
 
 
 def check_settings(cfg: TrainConfig, model_name: str) -> None:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ import torch
 from .. import device as devices
 from ..config import TrainConfig
 from ..errors import UsageError
-from . import dist
+from . import dist, rundir
 
 LAUNCHED = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
 
@@ -107,7 +106,7 @@ def start(nproc: int, argv: list[str], cfg: TrainConfig, max_restarts: int = 0, 
     check(nproc, cfg)
     rest = without_nproc(argv)
     if cfg.name is None:  # one name for every rank and every restart
-        cfg = dataclasses.replace(cfg, name=f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg = dataclasses.replace(cfg, name=rundir.default_name(cfg))
         rest += ["--name", cfg.name]
     if check_dir:
         _check_run_dir(cfg)

@@ -165,8 +165,8 @@ def _train_epoch(run: Run, sums: EpochSums) -> EpochSums:
 
 def _start_epoch(run: Run, sums: EpochSums) -> None:
     run.model.train()
-    if run.freezer is not None:
-        run.freezer.apply(run.pos.epoch)
+    if run.freezer is not None and run.freezer.apply(run.pos.epoch):
+        build.refresh_forward(run)
     if hasattr(run.model, "on_epoch_start"):  # models with an epoch-dependent part (fast: whitening bias)
         run.model.on_epoch_start(run.pos.epoch)
     sums.first_step = run.pos.global_step  # where this pass's batch losses start

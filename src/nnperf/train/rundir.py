@@ -16,13 +16,17 @@ from .. import config as configs
 from ..config import TrainConfig
 from ..errors import EnvError, UsageError
 from ..fileio import clean_stale_temps, describe_os_error, read_jsonl, write_json, write_text
+from ..names import safe_component
 
 # What a run directory holds (DESIGN.md); --overwrite removes only a folder that looks like one.
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl")
 
 
 def default_name(cfg: TrainConfig) -> str:
-    return f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """dataset-model-time, safe as a folder name everywhere (tv:resnet50 -> tv-resnet50: a colon
+    is refused by Windows and separates names from paths in TensorBoard's --logdir_spec)."""
+    model = safe_component(cfg.model.replace(":", "-"))
+    return f"{safe_component(cfg.dataset)}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
