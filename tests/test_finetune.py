@@ -148,3 +148,45 @@ def test_pretrained_file_is_matched_by_name(run_cli, tmp_path):
 def test_yaml_pretrained_true_means_the_library_weights():
     assert configs.build({"pretrained": True}, {}).pretrained == finetune.LIBRARY_WEIGHTS
     assert configs.build({"pretrained": False}, {}).pretrained is None
+
+
+def test_a_resume_refuses_other_starting_weights(run_cli, tmp_path):
+    _train(run_cli, "base")
+    code, out, err = run_cli("train", "--resume", "runs/base/checkpoints/last.pt", "--init-from", "runs/base")
+    assert code == 2 and "--init-from: a resumed run continues from its checkpoint's weights" in err, err
+
+
+def test_rgb_input_filters_of_a_file_are_summed_for_grey_data(run_cli, tmp_path):
+    torch.manual_seed(5)
+    donor = models.build("small_cifar", 3, 10, 16, width=8)
+    torch.save(donor.state_dict(), tmp_path / "rgb.pt")
+    _train(run_cli, "grey", "--synthetic-channels", "1", "--pretrained", "rgb.pt", "--freeze-epochs", "1")
+    grey = _state(tmp_path / "runs" / "grey")["model"]
+    first = next(k for k, v in donor.state_dict().items() if v.ndim == 4)
+    torch.testing.assert_close(grey[first], donor.state_dict()[first].sum(dim=1, keepdim=True), rtol=0, atol=0)
+
+
+def test_frozen_epochs_count_the_frozen_step_s_flops_and_doubtful_settings_warn(run_cli, tmp_path):
+    log = _train(run_cli, "probe", "--freeze-epochs", "1")
+    assert "warning: --freeze-epochs 1 without --pretrained or --init-from" in log
+    assert "covers all 1 epochs" in log
+    code, out, err = run_cli("train", *TINY, "--model", "small_cifar", "--epochs", "2", "--out-dir", "runs",
+                             "--name", "two", "--freeze-epochs", "1")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "two" / "metrics.jsonl").read_text().splitlines()]
+    per_image = [r["model_flops_per_image"] for r in rows if r.get("phase") == "train"]
+    assert len(per_image) == 2 and per_image[0] < per_image[1]  # no backbone gradients while frozen
+
+
+def test_a_plain_pickle_is_refused_in_one_line_without_running(run_cli, tmp_path):
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "PWNED"), "w"))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"w": Boom()}, protocol=4))
+    code, out, err = run_cli("train", *TINY, "--model", "small_cifar", "--epochs", "1", "--out-dir", "runs",
+                             "--name", "evil", "--pretrained", "evil.pt")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--pretrained evil.pt" in err, err
+    assert not (tmp_path / "PWNED").exists()

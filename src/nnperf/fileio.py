@@ -8,6 +8,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -169,9 +170,13 @@ def read_torch(path: str | Path, flag: str) -> object:
     if not p.is_file():
         raise UsageError(f"{flag} {path}: {'not a regular file' if p.exists() else 'no such file'}")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a plain pickle's protocol before refusing it
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a bad file; all mean the same
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if reason.startswith("Weights only load failed"):
-            reason = "it holds objects that a safe load refuses"
+            reason = "not a torch file, or one holding objects that a safe load refuses"
+        elif len(reason) < 12:  # a bare byte value or key from the unpickler says nothing
+            reason = f"not a torch file ({type(e).__name__}{': ' + reason if reason else ''})"
         raise UsageError(f"{flag} {path}: not a readable checkpoint (truncated or corrupt? {reason[:160]})") from None

@@ -56,8 +56,8 @@ def build(name: str, in_channels: int, num_classes: int, image_size: int, width:
         library.check(name, pretrained)
         return library.build(name, in_channels, num_classes, pretrained)
     if name not in REGISTRY:
-        raise UsageError(f"--model: unknown model '{name}' (choose from {', '.join(REGISTRY)}, or tv:NAME / "
-                         "timm:NAME: nnperf train --model help)")
+        raise UsageError(f"--model: unknown model '{name}' (choose from {', '.join(REGISTRY)}, "
+                         f"{library.EFFNET}, or tv:NAME / timm:NAME in lower case: nnperf train --model help)")
     if name == "convnet3" and image_size < 8:
         raise UsageError(f"--model convnet3: needs images of at least 8x8 pixels, got {image_size}")
     return REGISTRY[name].build(in_channels, num_classes, image_size, width, conv_impl)

@@ -121,7 +121,11 @@ def check(name: str, pretrained: bool) -> None:
         if not arch or not timm.is_model(arch):
             raise _unknown(name, "timm", arch, timm.list_models(pretrained="." in arch))
         if "." in arch and _timm_cfg(timm, arch) is None:  # a tag names weights: they must exist
-            raise _unknown(name, "timm", arch, timm.list_models(pretrained=True))
+            base, tag = arch.split(".", 1)
+            tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{base}.*")]
+            known = f"its weights are tagged {', '.join(tags[:6])}" if tags else "timm has no weights for it"
+            raise UsageError(f"--model {name}: timm has no '{tag}' weights for {base} ({known}); drop the tag "
+                             "for the default weights")
         if pretrained and _timm_cfg(timm, arch) is None:
             raise _no_weights(name, "timm")
     elif name == EFFNET:
@@ -491,6 +495,12 @@ def _strip(key: str) -> str:
     return key
 
 
+def _input_conv_of_other_channels(theirs: torch.Tensor, ours: torch.Tensor) -> bool:
+    """An RGB input convolution's filters where the model reads another number of channels."""
+    return (theirs.ndim == 4 and ours.ndim == 4 and theirs.shape[1] == 3 and ours.shape[1] != 3
+            and theirs.shape[0] == ours.shape[0] and theirs.shape[2:] == ours.shape[2:])
+
+
 def load_matching(model: nn.Module, state: dict, flag: str, path: str) -> LoadReport:
     """Copy the file's tensors into the model by name; the head may differ (a new class count), nothing
     else may."""
@@ -501,6 +511,8 @@ def load_matching(model: nn.Module, state: dict, flag: str, path: str) -> LoadRe
     for key, value in state.items():
         if key not in own or not isinstance(value, torch.Tensor):
             skipped.append(key)
+        elif _input_conv_of_other_channels(value, own[key]):
+            fits[key] = adapted_input_weight(value, own[key].shape[1])  # RGB filters for grey data, as timm does
         elif value.shape != own[key].shape:
             if key not in head:
                 raise UsageError(f"{flag} {path}: does not fit this model: {key} is {tuple(value.shape)} in the "

@@ -117,6 +117,8 @@ def model_list(text: str) -> list[str]:
     for name in names:
         if not models.known(name):
             split_list(name, "--model", models.names())  # the one-line error listing nnperf's models
+        if models.library.is_library(name):
+            models.library.check(name, pretrained=False)  # before anything is printed
     if not names:
         split_list("", "--model", models.names())
     return list(dict.fromkeys(names))

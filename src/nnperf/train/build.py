@@ -77,7 +77,7 @@ def choose_measured(cfg: TrainConfig, hw: Hardware, model: nn.Module, info: data
 
 
 def mfu_basis(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: Hardware,
-              log: Callable[[str], None]) -> tuple[float | None, float | None]:
+              log: Callable[[str], None], peak_too: bool = True) -> tuple[float | None, float | None]:
     """(FLOPs of one training step per image, the device's peak FLOP/s in the run's precision): MFU's
     numerator per image/s and its denominator. Either is None where it cannot be had; MFU is then
     left out, and training goes on."""
@@ -87,6 +87,8 @@ def mfu_basis(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: Hardw
         per_image = flops.model_flops_per_image(model, info.input_shape, info.num_classes) * (2 if cfg.optimizer == "sam" else 1)
     except Exception as e:  # noqa: BLE001 - a model FlopCounterMode cannot follow still trains
         log(f"warning: FLOPs of {cfg.model} could not be counted ({type(e).__name__}: {e}); no MFU")
+    if not peak_too:
+        return per_image, None
     start = time.perf_counter()
     try:
         measuring = not peak.is_cached(hw.dev, hw.precision.name)
@@ -188,6 +190,7 @@ class Run:
     fresh: bool = True  # the run directory was made by this invocation
     partial_val: dict | None = None  # the evaluation where --max-steps cut an epoch short
     flops_per_image: float | None = None  # of a training step, for MFU (counted once, at setup)
+    flops_per_image_frozen: float | None = None  # of a step of a --freeze-epochs epoch
     peak_flops: float | None = None  # this device's measured peak FLOP/s in the run's precision
     budget_clock: tuple[float, float] | None = None  # --time-budget: (command start, training start), monotonic
     world: dist.World = dist.SINGLE  # this process's place among the run's processes (torchrun)
@@ -213,6 +216,9 @@ def setup(cfg: TrainConfig, state: dict | None, log: Callable[[str], None]) -> R
     world = dist.from_env()
     _check_world(cfg, world, resuming=state is not None)
     finetune.check_settings(cfg, cfg.model)
+    if not state and world.main:
+        for line in finetune.doubts(cfg):
+            log(line)
     init = finetune.init_checkpoint(cfg) if not state else None
     hw = choose_hardware(cfg, world)
     world = dist.start(world, hw.dev, cfg.dist_timeout)
@@ -243,6 +249,9 @@ def setup(cfg: TrainConfig, state: dict | None, log: Callable[[str], None]) -> R
     if world.main:  # only rank 0 logs rows; each device's peak counts once
         run.flops_per_image, peak_rate = mfu_basis(cfg, model, info, hw, log)
         run.peak_flops = peak_rate * world.size if peak_rate else None
+        if run.freezer is not None and run.flops_per_image:
+            with run.freezer.held():  # no weight or input gradients for the frozen layers
+                run.flops_per_image_frozen = mfu_basis(cfg, model, info, hw, log, peak_too=False)[0]
     if state:
         checkpoint.restore(run, state)
     if world.main:
@@ -386,7 +395,7 @@ def _check_model_runs(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, h
     except (RuntimeError, AssertionError, ValueError) as e:  # ViTs assert their fixed input size
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model {cfg.model}: cannot run on {channels}x{height}x{width} images ({reason}); "
-                         "use a larger --image-size or another --model") from None
+                         "use another --image-size (larger, or the one size the model takes) or another --model") from None
     finally:
         model.train(was_training)
     if tuple(out.shape) != (2, info.num_classes):

@@ -146,6 +146,10 @@ def resume_config(state: dict, preset: dict, overrides: dict, path: str) -> conf
         if key in given and given[key] != saved.get(key):
             raise UsageError(f"--resume {path}: checkpoint is of {key} '{saved.get(key)}', not '{given[key]}' "
                              f"(drop --{key} or start a new run)")
+    for key in ("pretrained", "init_from"):  # starting weights: a resumed run has its own already
+        if given.get(key) is not None and given[key] != saved.get(key):
+            raise UsageError(f"{configs.flag_name(key)}: a resumed run continues from its checkpoint's weights; "
+                             f"drop {configs.flag_name(key)} (or start a new run from them)")
     base = {**saved, "max_steps": 0}
     own = rundir.checkpoint_run(path)
     continues_own = own is not None and "name" not in given and "out_dir" not in given

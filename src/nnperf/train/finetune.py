@@ -9,6 +9,7 @@ device (data.DataInfo.input_size), and that is saved with every checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Callable
@@ -82,7 +83,10 @@ def load_initial(cfg: TrainConfig, model: nn.Module, init: tuple[str, dict] | No
         path, state = init
         report = pretrained.load_matching(model, state["model"], "--init-from", path)
         log(f"--init-from {path}: {report.line()}")
-    elif cfg.pretrained and not library_weights(cfg):
+    elif library_weights(cfg):
+        weights = pretrained.weights_info(cfg.model)
+        log(f"--pretrained: {weights.source if weights else cfg.model + ' weights'}, classifier head new")
+    elif cfg.pretrained:
         report = pretrained.load_matching(model, pretrained.read_weights(cfg.pretrained, "--pretrained"),
                                           "--pretrained", cfg.pretrained)
         log(f"--pretrained {cfg.pretrained}: {report.line()}")
@@ -110,6 +114,18 @@ class Freezer:
     def frozen(self, epoch: int) -> bool:
         return epoch < self.epochs
 
+    @contextlib.contextmanager
+    def held(self):
+        """The backbone frozen for the duration (to count a frozen step's FLOPs), then as it was."""
+        before = [p.requires_grad for p in self.backbone]
+        for p in self.backbone:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in zip(self.backbone, before):
+                p.requires_grad_(flag)
+
     def apply(self, epoch: int) -> bool:
         """Call after model.train() at the start of every epoch (train() puts the norms back in
         training). True when the parameters that learn changed."""
@@ -121,6 +137,18 @@ class Freezer:
             for m in self.norms:
                 m.eval()
         return changed
+
+
+def doubts(cfg: TrainConfig) -> list[str]:
+    """Warnings about fine-tuning settings that run but are probably not what was meant."""
+    lines = []
+    if cfg.freeze_epochs and not (cfg.pretrained or cfg.init_from):
+        lines.append(f"warning: --freeze-epochs {cfg.freeze_epochs} without --pretrained or --init-from freezes "
+                     "randomly initialised layers: only the head learns from them")
+    if cfg.freeze_epochs >= cfg.epochs:
+        lines.append(f"warning: --freeze-epochs {cfg.freeze_epochs} covers all {cfg.epochs} epochs: the whole run "
+                     "trains only the classifier head (a linear probe)")
+    return lines
 
 
 def check_settings(cfg: TrainConfig, model_name: str) -> None:

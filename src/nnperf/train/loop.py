@@ -278,11 +278,13 @@ def _train_row(run: Run, sums: EpochSums, phase: str) -> dict:
 
 def _mfu(run: Run, sums: EpochSums) -> dict:
     """Model FLOPs utilisation of the epoch: FLOPs per image x images/s / the device's measured peak."""
-    if run.flops_per_image is None:
+    frozen = run.freezer is not None and run.freezer.frozen(run.pos.epoch)
+    per_image = run.flops_per_image_frozen if frozen else run.flops_per_image
+    if per_image is None:
         return {}
     ips = sums.images / sums.seconds if sums.seconds > 0 else None
-    value = flops.mfu(run.flops_per_image, ips, run.peak_flops)
-    return {"model_flops_per_image": run.flops_per_image, **({"mfu": value} if value is not None else {})}
+    value = flops.mfu(per_image, ips, run.peak_flops)
+    return {"model_flops_per_image": per_image, **({"mfu": value} if value is not None else {})}
 
 
 def _warnings_only(log: Callable[[str], None]) -> Callable[[str], None]:
