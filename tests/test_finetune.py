@@ -190,3 +190,10 @@ def test_a_plain_pickle_is_refused_in_one_line_without_running(run_cli, tmp_path
                              "--name", "evil", "--pretrained", "evil.pt")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--pretrained evil.pt" in err, err
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_an_empty_init_from_is_refused_not_ignored(run_cli, tmp_path):
+    code, out, err = run_cli("train", *TINY, "--model", "small_cifar", "--epochs", "1", "--out-dir", "runs",
+                             "--name", "empty", "--init-from", "")
+    assert code == 2 and "--init-from: must name" in err, err
+    assert not (tmp_path / "runs" / "empty").exists()

@@ -361,6 +361,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.name is not None:
         check_name(cfg.name, "--name")
     _check(cfg.out_dir != "", "--out-dir", "must name a folder")
+    _check(cfg.init_from != "", "--init-from", "must name an earlier run's folder or one of its checkpoints")
     _check(cfg.synthetic_channels in (1, 3), "--synthetic-channels", f"must be 1 or 3, got {cfg.synthetic_channels}")
     _check(not (cfg.decoupled and cfg.optimizer not in ("sgd", "nesterov", "muon")), "--decoupled",
            "is defined for --optimizer sgd, nesterov or muon")
