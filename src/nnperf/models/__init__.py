@@ -53,8 +53,7 @@ def build(name: str, in_channels: int, num_classes: int, image_size: int, width:
     """The model for images of `in_channels` x `image_size` and `num_classes`; `pretrained` (tv:,
     timm: and effnet_lite0 models only): with its library's default weights, the head new."""
     if library.is_library(name):
-        library.check(name, pretrained)
-        return library.build(name, in_channels, num_classes, pretrained)
+        return library.build(name, in_channels, num_classes, pretrained)  # checks the name first
     if name not in REGISTRY:
         raise UsageError(f"--model: unknown model '{name}' (choose from {', '.join(REGISTRY)}, "
                          f"{library.EFFNET}, or tv:NAME / timm:NAME in lower case: nnperf train --model help)")

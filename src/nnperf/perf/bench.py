@@ -114,13 +114,14 @@ def split_list(text: str, flag: str, allowed: tuple[str, ...] | list[str]) -> li
 def model_list(text: str) -> list[str]:
     """--model M[,M2...]: nnperf's models, tv:NAME and timm:NAME (checked, with close names, when built)."""
     names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    choices = f"{', '.join(models.names())}, or tv:NAME / timm:NAME"
+    if not names:
+        raise UsageError(f"--model: give at least one of {choices}")
     for name in names:
         if not models.known(name):
-            split_list(name, "--model", models.names())  # the one-line error listing nnperf's models
+            raise UsageError(f"--model: unknown value '{name}' (choose from {choices})")
         if models.library.is_library(name):
             models.library.check(name, pretrained=False)  # before anything is printed
-    if not names:
-        split_list("", "--model", models.names())
     return list(dict.fromkeys(names))
 
 

@@ -76,19 +76,24 @@ def choose_measured(cfg: TrainConfig, hw: Hardware, model: nn.Module, info: data
                     choice.to_dict())
 
 
+def step_flops_per_image(cfg: TrainConfig, model: nn.Module, info: data.DataInfo,
+                         log: Callable[[str], None]) -> float | None:
+    """FLOPs of one training step per image, for the parameters that need gradients now; None (and a
+    warning) where FlopCounterMode cannot follow the model: it still trains, without MFU."""
+    try:
+        # SAM runs forward and backward twice per step.
+        return flops.model_flops_per_image(model, info.input_shape, info.num_classes) * (2 if cfg.optimizer == "sam" else 1)
+    except Exception as e:  # noqa: BLE001 - a model FlopCounterMode cannot follow still trains
+        log(f"warning: FLOPs of {cfg.model} could not be counted ({type(e).__name__}: {e}); no MFU")
+        return None
+
+
 def mfu_basis(cfg: TrainConfig, model: nn.Module, info: data.DataInfo, hw: Hardware,
-              log: Callable[[str], None], peak_too: bool = True) -> tuple[float | None, float | None]:
+              log: Callable[[str], None]) -> tuple[float | None, float | None]:
     """(FLOPs of one training step per image, the device's peak FLOP/s in the run's precision): MFU's
     numerator per image/s and its denominator. Either is None where it cannot be had; MFU is then
     left out, and training goes on."""
-    per_image = peak_rate = None
-    try:
-        # SAM runs forward and backward twice per step.
-        per_image = flops.model_flops_per_image(model, info.input_shape, info.num_classes) * (2 if cfg.optimizer == "sam" else 1)
-    except Exception as e:  # noqa: BLE001 - a model FlopCounterMode cannot follow still trains
-        log(f"warning: FLOPs of {cfg.model} could not be counted ({type(e).__name__}: {e}); no MFU")
-    if not peak_too:
-        return per_image, None
+    per_image, peak_rate = step_flops_per_image(cfg, model, info, log), None
     start = time.perf_counter()
     try:
         measuring = not peak.is_cached(hw.dev, hw.precision.name)
@@ -251,7 +256,7 @@ def setup(cfg: TrainConfig, state: dict | None, log: Callable[[str], None]) -> R
         run.peak_flops = peak_rate * world.size if peak_rate else None
         if run.freezer is not None and run.flops_per_image:
             with run.freezer.held():  # no weight or input gradients for the frozen layers
-                run.flops_per_image_frozen = mfu_basis(cfg, model, info, hw, log, peak_too=False)[0]
+                run.flops_per_image_frozen = step_flops_per_image(cfg, model, info, log)
     if state:
         checkpoint.restore(run, state)
     if world.main:
